@@ -1,0 +1,96 @@
+"""The seed CNN: four dilated depthwise-separable blocks, global average pooling, a 2-layer head.
+
+Every map stays 32x32 (stride 1 everywhere, padding = dilation): the receptive field grows
+through dilation alone, 1 + 2 * (1+2+2+3+3+4+4+5) = 49 pixels, wider than the 32-pixel image.
+Depthwise and grouped 3x3 convs keep the parameter count near 133k; the 1x1 pointwise convs
+mix channels.
+"""
+import torch
+from torch import nn
+
+
+def conv_bn_relu(c_in, c_out, *, kernel=3, dilation=1, groups=1, dropout=0.1):
+    """Conv (no bias: BatchNorm has one) -> BN -> ReLU -> Dropout, same spatial size out."""
+    padding = dilation * (kernel - 1) // 2
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel, padding=padding, dilation=dilation, groups=groups, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+    )
+
+
+def block(c_in, c_out, *, dilation, first=False, dropout=0.1):
+    """3x3 conv (plain in C1, grouped elsewhere) | depthwise 3x3 | pointwise 1x1.
+
+    The depthwise conv's dilation is one more than the first conv's (1,2 / 2,3 / 3,4 / 4,5).
+    """
+    groups = 1 if first else c_in  # grouped: each input channel feeds c_out / c_in outputs
+    return nn.Sequential(
+        conv_bn_relu(c_in, c_out, dilation=dilation, groups=groups, dropout=dropout),
+        conv_bn_relu(c_out, c_out, dilation=dilation + 1, groups=c_out, dropout=dropout),
+        conv_bn_relu(c_out, c_out, kernel=1, dropout=dropout),
+    )
+
+
+class Net(nn.Module):
+    def __init__(self, widths=(32, 64, 128, 256), num_classes=10, dropout=0.1):
+        super().__init__()
+        c1, c2, c3, c4 = widths
+        self.features = nn.Sequential(
+            block(3, c1, dilation=1, first=True, dropout=dropout),  # C1
+            block(c1, c2, dilation=2, dropout=dropout),  # C2
+            block(c2, c3, dilation=3, dropout=dropout),  # C3
+            block(c3, c4, dilation=4, dropout=dropout),  # C4
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)  # GAP: any input size gives one vector
+        self.head = nn.Sequential(nn.Linear(c4, 128), nn.ReLU(inplace=True), nn.Linear(128, num_classes))
+
+    def forward(self, x):
+        return self.head(self.pool(self.features(x)).flatten(1))
+
+
+def build_model(*, dropout=0.1, num_classes=10, widths=(32, 64, 128, 256)):
+    """The seed model, freshly initialised (PyTorch defaults)."""
+    return Net(widths=widths, num_classes=num_classes, dropout=dropout)
+
+
+# --- model facts, used by `python -m net`, the tests and the bench -------------------------
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def receptive_field(model):
+    """Analytic receptive field of the conv stack, in input pixels (rf += (k-1)*dilation*jump)."""
+    rf, jump = 1, 1
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            rf += (m.kernel_size[0] - 1) * m.dilation[0] * jump
+            jump *= m.stride[0]
+    return rf
+
+
+@torch.no_grad()
+def count_macs(model, size=32):
+    """Multiply-accumulates of one forward pass on a 3 x size x size image (convs and linears)."""
+    macs = 0
+
+    def hook(m, inputs, out):
+        nonlocal macs
+        if isinstance(m, nn.Conv2d):
+            k = m.kernel_size[0] * m.kernel_size[1]
+            macs += out.numel() * (m.in_channels // m.groups) * k
+        else:
+            macs += m.in_features * m.out_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros(1, 3, size, size, device=next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return macs

@@ -1,0 +1,103 @@
+"""Tiny CIFAR-10 copies in each official format, written by the tests themselves.
+
+Every fixture holds the same pixels (seeded), so a test can check a round trip pixel-exactly.
+"""
+import io
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.data import BINARY, CLASSES, PYTHON
+
+SHARED_JPEG = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+N_PER_SPLIT = {"train": 40, "test": 20}  # 4 and 2 images of each class
+
+
+def make_split(split, seed=0):
+    """(images uint8 (N,32,32,3), labels int64 (N,)): every class present, labels in order."""
+    rng = np.random.default_rng(seed + (split == "test"))
+    n = N_PER_SPLIT[split]
+    labels = np.repeat(np.arange(10), n // 10).astype(np.int64)
+    return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), labels
+
+
+def binary_records(images, labels):
+    """Official binary layout: label byte, then R, G, B planes."""
+    planes = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
+    return np.concatenate([labels.astype(np.uint8)[:, None], planes], axis=1).tobytes()
+
+
+def add_bytes(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_binary_tarball(path, batches=5):
+    """Official `cifar-10-binary.tar.gz`: train split across data_batch_1..5.bin."""
+    images, labels = make_split("train")
+    with tarfile.open(path, "w:gz") as tar:
+        for i, idx in enumerate(np.array_split(np.arange(len(labels)), batches), 1):
+            add_bytes(tar, f"{BINARY['folder']}/data_batch_{i}.bin", binary_records(images[idx], labels[idx]))
+        add_bytes(tar, f"{BINARY['folder']}/test_batch.bin", binary_records(*make_split("test")))
+        add_bytes(tar, f"{BINARY['folder']}/batches.meta.txt", "\n".join(CLASSES).encode())
+    return path
+
+
+def python_batch(images, labels):
+    """A pickle as the official python tarball has them: bytes keys, (N, 3072) uint8 planes."""
+    planes = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
+    return pickle.dumps({b"batch_label": b"x", b"labels": labels.tolist(), b"data": planes,
+                         b"filenames": [b"f.png"] * len(labels)}, protocol=2)
+
+
+def write_python_tarball(path, batch=python_batch):
+    images, labels = make_split("train")
+    with tarfile.open(path, "w:gz") as tar:
+        for i, idx in enumerate(np.array_split(np.arange(len(labels)), 5), 1):
+            add_bytes(tar, f"{PYTHON['folder']}/data_batch_{i}", batch(images[idx], labels[idx]))
+        add_bytes(tar, f"{PYTHON['folder']}/test_batch", batch(*make_split("test")))
+    return path
+
+
+def write_image_tree(root, fmt="png", quality=95):
+    """train/<class>/NNNN.png and test/<class>/NNNN.png (png: lossless, so pixel-exact)."""
+    root = Path(root)
+    for split in N_PER_SPLIT:
+        images, labels = make_split(split)
+        for i, (img, label) in enumerate(zip(images, labels)):
+            folder = root / split / CLASSES[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(folder / f"{i:04d}.{fmt}", quality=quality)
+    return root
+
+
+@pytest.fixture
+def binary_tarball(tmp_path):
+    return write_binary_tarball(tmp_path / BINARY["name"])
+
+
+@pytest.fixture
+def python_tarball(tmp_path):
+    return write_python_tarball(tmp_path / PYTHON["name"])
+
+
+@pytest.fixture
+def image_tree(tmp_path):
+    return write_image_tree(tmp_path / "tree")
+
+
+@pytest.fixture
+def jpeg_tree(tmp_path):
+    return write_image_tree(tmp_path / "jpeg", fmt="jpg")
+
+
+@pytest.fixture(scope="session")
+def shared_jpeg():
+    if not SHARED_JPEG.exists():
+        pytest.skip(f"{SHARED_JPEG} not present (only in the project's own checkouts)")
+    return SHARED_JPEG

@@ -1,0 +1,229 @@
+import hashlib
+import io
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import add_bytes, binary_records, make_split, python_batch, write_binary_tarball, write_image_tree
+from pipelines.data import BINARY, DataError, data_format, load_cifar10
+
+
+def assert_split(root, split):
+    images, labels = load_cifar10(root, split)
+    want_images, want_labels = make_split(split)
+    assert images.dtype == np.uint8 and images.shape == want_images.shape  # (N, 32, 32, 3) HWC
+    assert labels.dtype == np.int64
+    np.testing.assert_array_equal(labels, want_labels)
+    np.testing.assert_array_equal(images, want_images)  # pixel-exact, channel order included
+
+
+# --- the three formats round-trip ----------------------------------------------------------------
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_binary_tarball_round_trip(binary_tarball, split):
+    assert data_format(binary_tarball) == "binary"
+    assert_split(binary_tarball, split)  # the tarball itself
+    assert_split(binary_tarball.parent, split)  # a data folder holding it
+
+
+def test_binary_extracted_folder(binary_tarball, tmp_path):
+    with tarfile.open(binary_tarball) as tar:
+        tar.extractall(tmp_path / "x", filter="data")
+    assert_split(tmp_path / "x", "train")
+    assert_split(tmp_path / "x" / BINARY["folder"], "test")
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_python_tarball_round_trip(python_tarball, split):
+    assert data_format(python_tarball) == "python"
+    assert_split(python_tarball, split)
+
+
+def test_image_tree_round_trip(image_tree, tmp_path):
+    assert data_format(image_tree) == "tree"
+    assert_split(image_tree, "train")
+    with tarfile.open(tmp_path / "tree.tar.gz", "w:gz") as tar:  # the same tree as a tarball
+        tar.add(image_tree, arcname="cifar")
+    assert_split(tmp_path / "tree.tar.gz", "test")
+
+
+def test_image_tree_hands_out_encoded_bytes(image_tree):
+    blobs, labels = load_cifar10(image_tree, "train", encoded=True)
+    images, _ = make_split("train")
+    assert len(blobs) == len(labels) == len(images)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(blobs[5].tobytes()))), images[5])
+
+
+def test_encoded_needs_an_image_tree(binary_tarball):
+    with pytest.raises(DataError, match="not encoded images"):
+        load_cifar10(binary_tarball, "train", encoded=True)
+
+
+def test_shared_jpeg_copy_loads_in_full(shared_jpeg):
+    for split, n in (("train", 50_000), ("test", 10_000)):
+        blobs, labels = load_cifar10(shared_jpeg, split, encoded=True)
+        assert len(blobs) == n
+        assert np.bincount(labels).tolist() == [n // 10] * 10
+    images, labels = load_cifar10(shared_jpeg, "test")
+    assert images.shape == (10_000, 32, 32, 3) and images.dtype == np.uint8
+
+
+# --- every bad input is one clear DataError --------------------------------------------------
+
+def one_line(excinfo):
+    message = str(excinfo.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(DataError, match="does not exist") as e:
+        load_cifar10(tmp_path / "nope", "train")
+    assert "make data" in one_line(e)
+
+
+def test_truncated_archive(binary_tarball):
+    blob = binary_tarball.read_bytes()
+    binary_tarball.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(DataError, match="corrupt or truncated|unreadable"):
+        load_cifar10(binary_tarball, "train")
+
+
+def test_garbage_archive(tmp_path):
+    (tmp_path / "x.tar.gz").write_bytes(b"\x1f\x8b not really gzip" * 10)
+    with pytest.raises(DataError, match="corrupt or truncated"):
+        load_cifar10(tmp_path / "x.tar.gz", "train")
+
+
+def write_binary_folder(tmp_path, records):
+    folder = tmp_path / BINARY["folder"]
+    folder.mkdir()
+    for name in BINARY["train"] + BINARY["test"]:
+        (folder / name).write_bytes(records)
+    return folder
+
+
+def test_record_size_not_a_multiple(tmp_path):
+    folder = write_binary_folder(tmp_path, binary_records(*make_split("test"))[:-100])
+    with pytest.raises(DataError, match="not a whole number of 3073-byte records"):
+        load_cifar10(folder, "train")
+
+
+def test_label_outside_range(tmp_path):
+    images, labels = make_split("test")
+    labels[3] = 12
+    folder = write_binary_folder(tmp_path, binary_records(images, labels))
+    with pytest.raises(DataError, match="label 12 outside 0..9"):
+        load_cifar10(folder, "test")
+
+
+def test_image_not_32x32_rgb(image_tree):
+    Image.new("RGB", (28, 28)).save(image_tree / "train" / "cat" / "0000.png")
+    with pytest.raises(DataError, match="28x28 RGB; CIFAR-10 needs 32x32 RGB"):
+        load_cifar10(image_tree, "train")
+    Image.new("L", (32, 32)).save(image_tree / "train" / "cat" / "0000.png")
+    with pytest.raises(DataError, match="32x32 L"):
+        load_cifar10(image_tree, "train")
+
+
+def test_empty_class_folder(image_tree):
+    for f in (image_tree / "test" / "dog").iterdir():
+        f.unlink()
+    with pytest.raises(DataError, match="test/dog: class folder missing or without"):
+        load_cifar10(image_tree, "test")
+
+
+def test_missing_class_folder(image_tree):
+    for f in (image_tree / "test" / "dog").iterdir():
+        f.unlink()
+    (image_tree / "test" / "dog").rmdir()
+    with pytest.raises(DataError, match="test/dog: class folder missing"):
+        load_cifar10(image_tree, "test")
+
+
+def test_unreadable_image(image_tree):
+    (image_tree / "train" / "cat" / "0001.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(DataError, match="0001.png: unreadable image"):
+        load_cifar10(image_tree, "train")
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_pickle_with_code_is_refused(tmp_path, capfd):
+    path = tmp_path / "evil.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            add_bytes(tar, f"cifar-10-batches-py/{name}", pickle.dumps({b"data": Exploit()}, protocol=2))
+    with pytest.raises(DataError, match=r"refused to load (posix|os)\.system"):
+        load_cifar10(path, "train")
+    assert "pwned" not in capfd.readouterr().out
+
+
+def test_real_python_pickles_need_only_numpy(tmp_path):
+    images, labels = make_split("test")
+    d = pickle.loads(python_batch(images, labels))  # what the official pickles contain, plainly
+    assert set(d) == {b"batch_label", b"labels", b"data", b"filenames"}
+
+
+# --- `make data`: download and import ---------------------------------------------------------
+
+def run_data(*args):
+    return subprocess.run([sys.executable, "-m", "pipelines.data", *args], capture_output=True, text=True)
+
+
+def md5(path):
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_download_checks_md5_and_writes_atomically(binary_tarball, tmp_path):
+    out = tmp_path / "data"
+    url = binary_tarball.as_uri()
+    bad = run_data("--out", str(out), "--url", url, "--md5", "0" * 32)
+    assert bad.returncode == 1 and "does not match" in bad.stderr and "Traceback" not in bad.stderr
+    assert not out.exists() or list(out.iterdir()) == []  # no partial file left behind
+    good = run_data("--out", str(out), "--url", url, "--md5", md5(binary_tarball))
+    assert good.returncode == 0, good.stderr
+    assert md5(out / BINARY["name"]) == md5(binary_tarball)
+    again = run_data("--out", str(out), "--url", url, "--md5", md5(binary_tarball))
+    assert "already present" in again.stdout
+
+
+def test_download_offline_says_how_to_import(tmp_path):
+    r = run_data("--out", str(tmp_path), "--url", "http://127.0.0.1:9/cifar-10-binary.tar.gz")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "make data SRC=" in r.stderr
+
+
+def test_import_copies_and_bad_import_keeps_the_good_one(image_tree, tmp_path):
+    out = tmp_path / "data"
+    assert run_data("--out", str(out), "--src", str(image_tree)).returncode == 0
+    assert_split(out, "test")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+
+    broken = write_image_tree(tmp_path / "broken" / image_tree.name)
+    (broken / "train" / "cat" / "0002.png").write_bytes(b"not an image")
+    r = run_data("--out", str(out), "--src", str(broken))
+    assert r.returncode == 1 and "unreadable image" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert_split(out, "train")  # the earlier good import still loads
+
+
+def test_import_tarball(tmp_path):
+    src = write_binary_tarball(tmp_path / "cifar-10-binary.tar.gz")
+    r = run_data("--out", str(tmp_path / "data"), "--src", str(src))
+    assert r.returncode == 0, r.stderr
+    assert_split(tmp_path / "data", "train")
+
+
+def test_import_missing_source(tmp_path):
+    r = run_data("--out", str(tmp_path / "data"), "--src", str(tmp_path / "missing.tar.gz"))
+    assert r.returncode == 1 and r.stderr.startswith("error:") and "does not exist" in r.stderr
