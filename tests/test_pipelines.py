@@ -1,0 +1,250 @@
+"""The DALI graph on CPU operators (device="cpu"); GPU cases skip without CUDA."""
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines import CIFAR10_MEAN, CIFAR10_STD, Augment, load_cifar10, make_loader
+
+MEAN, STD = np.array(CIFAR10_MEAN, np.float32), np.array(CIFAR10_STD, np.float32)
+NONE = dict(flip_p=0.0, ssr_p=0.0, cutout_p=0.0)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def random_images(n, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+
+def normalized(images):
+    return (images.astype(np.float32) - MEAN) / STD
+
+
+def run(images, augment, *, seed=0, batch_size=None, device="cpu", **kwargs):
+    """One train epoch over `images`, returned as HWC numpy in input order (labels = indices)."""
+    ids = np.arange(len(images))
+    loader = make_loader(images, ids, batch_size=batch_size or len(images), train=True, augment=augment,
+                         seed=seed, device=device, **kwargs)
+    out = np.zeros(images.shape, np.float32)
+    for x, y in loader:
+        out[y.cpu().numpy()] = x.permute(0, 2, 3, 1).float().cpu().numpy()
+    return out
+
+
+def centroid(img):
+    """Intensity-weighted (row, col) centre of a single-channel map."""
+    w = img / img.sum()
+    rows, cols = np.indices(img.shape)
+    return (w * rows).sum(), (w * cols).sum()
+
+
+# --- each augmentation, checked against what it should do --------------------------------------
+
+def test_no_augmentation_is_normalization():
+    images = random_images(64)
+    np.testing.assert_allclose(run(images, Augment(**NONE)), normalized(images), atol=1e-5)
+
+
+def test_flip_with_p1_is_the_mirror_image():
+    images = random_images(64)
+    out = run(images, Augment(**{**NONE, "flip_p": 1.0}))
+    np.testing.assert_allclose(out, normalized(images[:, :, ::-1]), atol=1e-5)
+
+
+def test_zero_shift_scale_rotation_is_identity():
+    images = random_images(64)
+    out = run(images, Augment(**{**NONE, "ssr_p": 1.0}, shift=0.0, scale=0.0, rotate=0.0))
+    np.testing.assert_allclose(out, normalized(images), atol=1e-5)
+
+
+RAW = dict(mean=(0, 0, 0), std=(1, 1, 1))  # unnormalized: the 0 fill is black like the background
+
+
+def dots(n, rows, cols):
+    """Images that are black but for a white block at [rows, cols]."""
+    images = np.zeros((n, 32, 32, 3), np.uint8)
+    images[:, rows, cols] = 255
+    return images
+
+
+def test_pure_shift_moves_content_by_at_most_the_shift():
+    images = dots(200, slice(14, 16), slice(14, 16))
+    content = run(images, Augment(**{**NONE, "ssr_p": 1.0}, shift=0.0625, scale=0.0, rotate=0.0), **RAW)[..., 0]
+    moves = np.array([np.subtract(centroid(c), (14.5, 14.5)) for c in content])
+    assert np.abs(moves).max() <= 0.0625 * 32 + 1e-3  # never beyond 2 px on either axis
+    assert np.abs(moves).max() > 1.5  # and the full range is used
+    assert abs(moves.mean()) < 0.3 and moves[:, 0].std() > 0.5 and moves[:, 1].std() > 0.5
+    np.testing.assert_allclose(content.sum(axis=(1, 2)), content[0].sum(), rtol=1e-3)  # nothing lost
+
+
+def test_pure_rotation_keeps_the_centre_in_place():
+    centre = dots(50, slice(15, 17), slice(15, 17))  # the 2x2 block around the centre point (16, 16)
+    out = run(centre, Augment(**{**NONE, "ssr_p": 1.0}, shift=0.0, scale=0.0, rotate=15.0), **RAW)
+    for c in out[..., 0]:
+        np.testing.assert_allclose(centroid(c), (15.5, 15.5), atol=1e-3)
+    off_centre = dots(50, slice(4, 6), slice(15, 17))  # an off-centre dot does move: rotation happened
+    moved = run(off_centre, Augment(**{**NONE, "ssr_p": 1.0}, shift=0.0, scale=0.0, rotate=15.0), **RAW)
+    # 11.5 px above the centre, +-15 degrees: the column moves up to 11.5 sin(15) = 3 px
+    cols = np.array([centroid(c)[1] for c in moved[..., 0]])
+    assert np.abs(cols - 15.5).max() <= 11.5 * np.sin(np.radians(15)) + 0.05 and cols.std() > 1.0
+
+
+def test_cutout_p1_zeroes_exactly_one_clipped_square():
+    images = random_images(200)
+    out = run(images, Augment(**{**NONE, "cutout_p": 1.0}))
+    ref = normalized(images)  # never exactly 0: the means are not integers
+    touched_border = 0
+    for o, r in zip(out, ref):
+        hole = (o == 0).all(axis=2)
+        rows, cols = np.nonzero(hole)
+        h, w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+        assert hole.sum() == h * w and h <= 16 and w <= 16  # one filled rectangle, at most 16x16
+        if 0 < rows.min() and rows.max() < 31 and 0 < cols.min() and cols.max() < 31:
+            assert h == w == 16  # away from the border: the full square
+        else:
+            touched_border += 1
+        np.testing.assert_allclose(o[~hole], r[~hole], atol=1e-5)  # nothing else changed
+    assert touched_border > 0  # clipped squares happen too
+
+
+@pytest.mark.parametrize("which", ["flip_p", "ssr_p", "cutout_p"])
+def test_probabilities_match_over_many_draws(which):
+    images = random_images(2000, seed=1)
+    p = 0.3
+    out = run(images, Augment(**{**NONE, which: p}), batch_size=500)
+    ref = normalized(images)
+    changed = np.abs(out - ref).reshape(len(out), -1).max(axis=1) > 1e-4
+    assert abs(changed.mean() - p) < 0.045  # 4 standard deviations at n=2000
+
+
+# --- normalization, epochs, shards, determinism ------------------------------------------------
+
+def test_normalization_statistics():
+    images = random_images(500, seed=2)
+    mean, std = images.reshape(-1, 3).mean(0), images.reshape(-1, 3).std(0)
+    loader = make_loader(images, np.zeros(500, np.int64), batch_size=128, train=False, device="cpu",
+                         mean=tuple(mean), std=tuple(std))
+    x = torch.cat([x for x, _ in loader]).double()
+    torch.testing.assert_close(x.mean(dim=(0, 2, 3)), torch.zeros(3, dtype=torch.float64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(x.std(dim=(0, 2, 3)), torch.ones(3, dtype=torch.float64), atol=1e-3, rtol=0)
+
+
+def test_batches_are_channels_last_float_and_labels_int64():
+    loader = make_loader(random_images(40), np.arange(40), batch_size=16, train=True, device="cpu")
+    x, y = next(iter(loader))
+    assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    x16, _ = next(iter(make_loader(random_images(40), np.arange(40), batch_size=16, train=True, device="cpu",
+                                   dtype=torch.bfloat16)))
+    assert x16.dtype == torch.bfloat16
+
+
+def epoch_ids(loader):
+    return np.concatenate([y.numpy() for _, y in loader])
+
+
+def test_train_epoch_covers_each_image_at_most_once_and_reshuffles():
+    loader = make_loader(random_images(100), np.arange(100), batch_size=32, train=True, device="cpu")
+    assert len(loader) == 3
+    first, second = epoch_ids(loader), epoch_ids(loader)
+    assert len(first) == len(second) == 96  # the partial batch of 4 is dropped
+    assert len(set(first)) == 96 and len(set(second)) == 96
+    assert not np.array_equal(first, second)
+
+
+def test_eval_counts_every_image_once_in_order():
+    loader = make_loader(random_images(100), np.arange(100), batch_size=32, train=False, device="cpu")
+    assert len(loader) == 4
+    sizes = [len(y) for _, y in loader]
+    assert sizes == [32, 32, 32, 4]
+    np.testing.assert_array_equal(epoch_ids(loader), np.arange(100))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_shards_are_disjoint_and_cover_the_set(train):
+    shards = [epoch_ids(make_loader(random_images(120), np.arange(120), batch_size=20, train=train,
+                                    device="cpu", shard_id=r, num_shards=3)) for r in range(3)]
+    assert sum(len(s) for s in shards) == 120
+    assert len(set(np.concatenate(shards))) == 120
+
+
+def test_same_seed_same_batches_other_seed_differs():
+    images = random_images(64)
+    a, b, c = (run(images, Augment(), seed=s, batch_size=32) for s in (7, 7, 8))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_resumed_epoch_replays_exactly():
+    images = random_images(64)
+    loader = make_loader(images, np.arange(64), batch_size=32, train=True, device="cpu", seed=3)
+    epoch_ids(loader)
+    second = [x for x, _ in loader]
+    resumed = make_loader(images, np.arange(64), batch_size=32, train=True, device="cpu", seed=3)
+    resumed.load_state_dict({"epoch": 1, "seed": 3})
+    for x, x_resumed in zip(second, (x for x, _ in resumed)):
+        torch.testing.assert_close(x, x_resumed, rtol=0, atol=0)
+
+
+# --- the encoded source ----------------------------------------------------------------------------
+
+def test_encoded_source_decodes_like_pillow(jpeg_tree):
+    blobs, labels = load_cifar10(jpeg_tree, "train", encoded=True)
+    loader = make_loader(blobs, labels, batch_size=16, train=False, device="cpu", mean=(0, 0, 0), std=(1, 1, 1))
+    decoded = torch.cat([x for x, _ in loader]).permute(0, 2, 3, 1).numpy()
+    pillow = np.stack([np.asarray(Image.open(io.BytesIO(b.tobytes())).convert("RGB")) for b in blobs])
+    diff = np.abs(decoded - pillow.astype(np.float32))
+    assert diff.mean() < 1.0 and diff.max() <= 8  # JPEG decoders may round IDCT/upsampling differently
+
+
+def test_encoded_source_trains_with_augmentation(jpeg_tree):
+    blobs, labels = load_cifar10(jpeg_tree, "train", encoded=True)
+    x, y = next(iter(make_loader(blobs, labels, batch_size=8, train=True, device="cpu")))
+    assert x.shape == (8, 3, 32, 32) and torch.isfinite(x).all()
+
+
+# --- bad arguments ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(batch_size=0), "batch_size"),
+    (dict(device="tpu"), "device"),
+    (dict(shard_id=2, num_shards=2), "shard_id"),
+    (dict(batch_size=64), "fewer than one batch"),
+])
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_loader(random_images(40), np.arange(40), **{"batch_size": 8, "train": True, "device": "cpu", **kwargs})
+
+
+@pytest.mark.parametrize("field", ["flip_p", "ssr_p", "cutout_p"])
+def test_probability_outside_unit_interval(field):
+    with pytest.raises(ValueError, match=field):
+        Augment(**{field: 1.5})
+
+
+def test_cuda_requested_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        make_loader(random_images(40), np.arange(40), batch_size=8, train=True, device="cuda")
+
+
+# --- GPU (skipped without CUDA) --------------------------------------------------------------------
+
+@cuda
+def test_gpu_raw_source_matches_cpu():
+    images = random_images(256)
+    gpu = run(images, Augment(**NONE), device="cuda", batch_size=64)
+    np.testing.assert_allclose(gpu, run(images, Augment(**NONE), batch_size=64), atol=1e-4)
+    x, _ = next(iter(make_loader(images, np.arange(256), batch_size=64, train=True, device="cuda")))
+    assert x.is_cuda and x.is_contiguous(memory_format=torch.channels_last)
+
+
+@cuda
+def test_gpu_nvjpeg_decode_matches_cpu_decode(jpeg_tree):
+    blobs, labels = load_cifar10(jpeg_tree, "test", encoded=True)
+    kw = dict(batch_size=8, train=False, mean=(0, 0, 0), std=(1, 1, 1))
+    gpu = torch.cat([x.cpu() for x, _ in make_loader(blobs, labels, device="cuda", **kw)])
+    cpu = torch.cat([x for x, _ in make_loader(blobs, labels, device="cpu", **kw)])
+    assert (gpu - cpu).abs().max() <= 8 and (gpu - cpu).abs().mean() < 1.0
