@@ -112,7 +112,7 @@ class Loader:
         self.device, self.dtype, self.mean, self.std = device, dtype, mean, std
         self.seed, self.shard_id, self.num_shards = seed, shard_id, num_shards
         self.num_threads = num_threads or min(4, os.cpu_count() or 1)
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
         self.n = len(labels)
         if device.type == "cuda" and not self.encoded:
             # Resident for the whole run (150 MB): batches are gathered on the GPU, no host trip.
@@ -136,8 +136,9 @@ class Loader:
         shard = len(self._shard_indices(0))
         return shard // self.batch_size if self.train else -(-shard // self.batch_size)
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, skip=0):
+        """The next `iter()` runs `epoch`, starting after its first `skip` batches (a resumed run)."""
+        self.epoch, self.skip = epoch, skip
 
     def state_dict(self):
         return {"epoch": self.epoch, "seed": self.seed}
@@ -146,7 +147,7 @@ class Loader:
         self.epoch, self.seed = state["epoch"], state["seed"]
 
     def _source(self, indices):
-        batches = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)][: len(self)]
+        batches = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)][self.skip:len(self)]
         if self.device.type == "cuda" and not self.encoded:
             batches = [torch.as_tensor(b).to(self.device) for b in batches]  # uploaded once per epoch
 
@@ -173,7 +174,7 @@ class Loader:
             prefetch_queue_depth=2, exec_dynamic=True,
         )
         batches = DALIGenericIterator(pipe, ["x", "y"], last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
-        self.epoch += 1
+        self.epoch, self.skip = self.epoch + 1, 0
         for batch in batches:
             x, y = batch[0]["x"], batch[0]["y"]
             # HWC -> NCHW view: the memory stays HWC, which is exactly channels_last. No copy.
