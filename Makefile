@@ -23,7 +23,9 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)
 
+# Default data/ is fetched first when missing (not when ARGS name --data, --resume or --smoke).
 train: $(STAMP)
+	$(if $(findstring --data,$(ARGS))$(findstring --resume,$(ARGS))$(findstring --smoke,$(ARGS)),,@test -e data || $(MAKE) data)
 	$(PY) train.py $(ARGS)
 
 smoke: $(STAMP)

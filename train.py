@@ -78,16 +78,11 @@ class Config:
 def parse_config(argv=None):
     parser = argparse.ArgumentParser(prog="train.py", description=__doc__.splitlines()[0])
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        kind = {"epochs": int, "batch_size": int, "eval_batch_size": int, "seed": int, "log_every": int,
-                "lr": float, "weight_decay": float, "label_smoothing": float, "warmup_epochs": float,
-                "dropout": float, "target_acc": float}.get(f.name, str)
-        if f.name in ("compile", "smoke"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=f.metadata.get("help"))
+        flag, help_ = "--" + f.name.replace("_", "-"), f.metadata.get("help")
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
         else:
-            parser.add_argument(flag, type=kind, default=f.default, choices=f.metadata.get("choices"),
-                                help=f.metadata.get("help"))
+            parser.add_argument(flag, type=f.type, default=f.default, choices=f.metadata.get("choices"), help=help_)
     cfg = Config(**vars(parser.parse_args(argv)))
     if cfg.resume:  # the saved configuration, whole: the run goes on exactly as it began
         run_dir = Path(cfg.resume)

@@ -1,0 +1,414 @@
+"""`python -m bench` (`make bench`): images/second at every stage, side by side, in one run.
+
+1. data pipelines alone: DALI raw and encoded (GPU and CPU), a plain-torch GPU augmenter doing
+   the same three augmentations, and the original design's Albumentations loader;
+2. the model's train step alone on device-resident batches (eager fp32 NCHW / channels_last,
+   eager bf16 channels_last, compiled bf16 channels_last) and inference;
+3. end to end: pipeline + train step as train.py runs them, and its ratio to (2);
+4. the limit: FLOPs and minimum bytes per training image against the device's measured
+   matmul rate and copy bandwidth;
+5. accuracy beside speed, from a training run's summary.json.
+
+Every figure: warm-up first (compile, autotune, DALI start), then at least 5 timed repeats
+between synchronisations over distinct batches; the median is reported with min and max.
+"""
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import train
+from net import build_model, count_macs
+from pipelines import CIFAR10_MEAN, CIFAR10_STD, Augment, DataError, load_cifar10, make_loader
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- timing ---------------------------------------------------------------------------------
+
+def measure(step, *, images_per_step, steps, repeats, warmup, sync):
+    """Median images/s of `step()` over `repeats` timed runs of `steps` calls, after `warmup` calls."""
+    for _ in range(warmup):
+        step()
+    sync()
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()  # the work queued on the device is part of the time
+        rates.append(images_per_step * steps / (time.perf_counter() - t0))
+    return {"img_per_s": statistics.median(rates), "min": min(rates), "max": max(rates), "repeats": repeats,
+            "batch": images_per_step}
+
+
+def endless(loader):
+    """Batches across epoch boundaries: a new epoch (and DALI pipeline) is part of the cost."""
+    while True:
+        yield from loader
+
+
+# --- data -----------------------------------------------------------------------------------
+
+def bench_data(path, n_encoded):
+    """(raw images, labels, encoded images, description): the real set if there, else synthetic."""
+    try:
+        blobs, labels = load_cifar10(path, "train", encoded=True)
+        images, _ = load_cifar10(path, "train")
+        return images, labels, blobs, f"CIFAR-10 train split from {path}"
+    except DataError:
+        pass
+    try:
+        images, labels = load_cifar10(path, "train")
+        what = f"CIFAR-10 train split from {path} (encoded: its first {n_encoded} images as JPEG q75)"
+    except DataError:
+        rng = np.random.default_rng(0)
+        images, labels = rng.integers(0, 256, (50_000, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 50_000)
+        what = f"synthetic uint8 noise, no CIFAR-10 at {path} (encoded: {n_encoded} of them as JPEG q75)"
+    return images, labels, jpeg_encode(images[:n_encoded]), what
+
+
+def jpeg_encode(images, quality=75):
+    import io
+
+    from PIL import Image
+
+    out = []
+    for img in images:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+        out.append(np.frombuffer(buf.getvalue(), dtype=np.uint8))
+    return out
+
+
+# --- 1. pipelines ---------------------------------------------------------------------------
+
+def bench_dali(images, labels, device, batch, timing):
+    loader = make_loader(images, labels, batch_size=batch, train=True, augment=Augment(), device=device,
+                         dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    it = endless(loader)
+    return measure(lambda: next(it), images_per_step=batch, **timing)
+
+
+def torch_gpu_augment(x, aug, gen):
+    """The same three augmentations in plain torch on a GPU-resident uint8 batch (B, 32, 32, 3)."""
+    b, dev = len(x), x.device
+    mean, std = (torch.tensor(v, device=dev).view(1, 3, 1, 1) for v in (CIFAR10_MEAN, CIFAR10_STD))
+    x = (x.permute(0, 3, 1, 2).float() - mean) / std
+    u = torch.rand(b, 9, device=dev, generator=gen)  # per image: 3 coins and 6 uniforms
+    x = torch.where((u[:, 0] < aug.flip_p).view(-1, 1, 1, 1), x.flip(3), x)
+    on = (u[:, 1] < aug.ssr_p).float()
+    angle = (u[:, 2] * 2 - 1) * math.radians(aug.rotate) * on
+    scale = 1 + (u[:, 3] * 2 - 1) * aug.scale * on
+    shift = (u[:, 4:6] * 2 - 1) * aug.shift * 2 * on[:, None]  # affine_grid units: the image spans [-1, 1]
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale  # destination -> source
+    theta = torch.stack([torch.stack([cos, sin, -shift[:, 0]], 1), torch.stack([-sin, cos, -shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # 0 = mean
+    centre = u[:, 6:8] * 32
+    ys = torch.arange(32, device=dev).view(1, 32, 1)
+    xs = torch.arange(32, device=dev).view(1, 1, 32)
+    half = aug.cutout_size / 2
+    hole = ((ys - centre[:, 0].view(-1, 1, 1)).abs() < half) & ((xs - centre[:, 1].view(-1, 1, 1)).abs() < half)
+    hole &= (u[:, 8] < aug.cutout_p).view(-1, 1, 1)
+    x = x.masked_fill(hole[:, None], 0.0)
+    return x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+
+
+def bench_torch_gpu(images, batch, timing):
+    x_all = torch.as_tensor(images).cuda()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    aug, n = Augment(), len(images)
+    perm = torch.randperm(n, device="cuda", generator=gen)
+    state = {"i": 0}
+
+    def step():
+        i = state["i"] % (n // batch)
+        state["i"] += 1
+        torch_gpu_augment(x_all[perm[i * batch:(i + 1) * batch]], aug, gen)
+
+    return measure(step, images_per_step=batch, **timing)
+
+
+class AlbumentationsSet(torch.utils.data.Dataset):
+    """The original design's loader: per-image CPU augmentation in DataLoader workers."""
+
+    def __init__(self, images, labels):
+        import albumentations as A
+
+        self.images, self.labels = images, labels
+        self.transform = A.Compose([
+            A.HorizontalFlip(p=0.5),
+            A.ShiftScaleRotate(shift_limit=0.0625, scale_limit=0.1, rotate_limit=15, p=0.5),
+            A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(16, 16), hole_width_range=(16, 16),
+                            fill=tuple(int(round(m)) for m in CIFAR10_MEAN), p=0.5),
+            A.Normalize(mean=[m / 255 for m in CIFAR10_MEAN], std=[s / 255 for s in CIFAR10_STD]),
+        ])
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        x = self.transform(image=self.images[i])["image"]
+        return torch.from_numpy(x.transpose(2, 0, 1)), int(self.labels[i])
+
+
+def bench_albumentations(images, labels, batch, timing):
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*ShiftScaleRotate.*")
+    loader = torch.utils.data.DataLoader(AlbumentationsSet(images, labels), batch_size=batch, shuffle=True,
+                                         drop_last=True, num_workers=os.cpu_count(), persistent_workers=True)
+    it = endless(loader)
+    return measure(lambda: next(it), images_per_step=batch, **timing)
+
+
+# --- 2. model alone, 3. end to end -------------------------------------------------------------
+
+def model_variants(device):
+    """(name, dtype, channels_last, compiled) for this device; the last is what train.py uses."""
+    if device == "cuda":
+        return [("eager fp32 NCHW", torch.float32, False, False), ("eager bf16 channels_last", torch.bfloat16, True, False),
+                ("compiled bf16 channels_last", torch.bfloat16, True, True)]
+    return [("eager fp32 NCHW", torch.float32, False, False), ("eager fp32 channels_last", torch.float32, True, False)]
+
+
+def prepare_model(device, dtype, channels_last, compiled):
+    env = train.Env(device=torch.device(device), autocast=(lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+                    if dtype == torch.bfloat16 else contextlib.nullcontext)
+    model = build_model().to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if compiled:
+        x = torch.randn(64, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
+        model = train.compile_checked(model, x, env, "default")
+    return model, env
+
+
+def synthetic_batches(device, batch, channels_last, k=4):
+    """k distinct device-resident batches, cycled: nothing measured from a single cached input."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return [(torch.randn(batch, 3, 32, 32, device=device).to(memory_format=fmt),
+             torch.randint(0, 10, (batch,), device=device)) for _ in range(k)]
+
+
+def bench_model(device, batch, timing):
+    results = {}
+    for name, dtype, channels_last, compiled in model_variants(device):
+        model, env = prepare_model(device, dtype, channels_last, compiled)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+        batches, i = synthetic_batches(device, batch, channels_last), [0]
+
+        def step():
+            x, y = batches[i[0] % len(batches)]
+            i[0] += 1
+            train.train_step(model, optimizer, x, y, label_smoothing=0.1, autocast=env.autocast)
+
+        results[f"train, {name}"] = measure(step, images_per_step=batch, **timing)
+    model.eval()  # inference with the last (train.py's) variant
+
+    @torch.no_grad()
+    def infer():
+        x, _ = batches[i[0] % len(batches)]
+        i[0] += 1
+        with env.autocast():
+            model(x)
+
+    results[f"inference, {name}"] = measure(infer, images_per_step=batch, **timing)
+    return results, (model, env, name)
+
+
+def bench_end_to_end(images, labels, device, batch, timing):
+    """As train.py runs: the DALI raw loader feeding the train step of train.py's model variant."""
+    name, dtype, channels_last, compiled = model_variants(device)[-1]
+    model, env = prepare_model(device, dtype, channels_last, compiled)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    loader = make_loader(images, labels, batch_size=batch, train=True, augment=Augment(), device=device,
+                         dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    it = endless(loader)
+
+    def step():
+        x, y = next(it)
+        train.train_step(model, optimizer, x, y, label_smoothing=0.1, autocast=env.autocast)
+
+    return measure(step, images_per_step=batch, **timing), name
+
+
+# --- 4. the limit ---------------------------------------------------------------------------
+
+def activation_elements(model):
+    """Elements of every conv output per 32x32 image: the maps a training step must save."""
+    total = 0
+
+    def hook(m, i, out):
+        nonlocal total
+        total += out.numel()
+
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    handles = [m.register_forward_hook(hook) for m in convs]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, 32, 32))
+    for h in handles:
+        h.remove()
+    return total
+
+
+def bench_limit(device, dtype_bytes, sync, quick):
+    n = 2048 if quick or device == "cpu" else 8192
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    mm = measure(lambda: a @ b, images_per_step=1, steps=3 if device == "cpu" else 20, repeats=5, warmup=2, sync=sync)
+    src = torch.empty(64 * 2**20 if device == "cpu" else 1024 * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    cp = measure(lambda: dst.copy_(src), images_per_step=1, steps=5, repeats=5, warmup=2, sync=sync)
+    model = build_model()
+    macs = count_macs(model)
+    flops = 3 * 2 * macs  # forward 2 FLOPs per MAC; backward twice the forward (input and weight grads)
+    elements = activation_elements(model)
+    # Each saved activation is written in forward and read in backward, and its gradient is written
+    # and read once in backward: 4 touches per element at the training dtype, plus the uint8 image.
+    bytes_per_image = 4 * dtype_bytes * elements + 3 * 32 * 32
+    tflops, gbps = mm["img_per_s"] * 2 * n**3 / 1e12, cp["img_per_s"] * 2 * src.numel() / 1e9  # copy: read + write
+    floor = min(tflops * 1e12 / flops, gbps * 1e9 / bytes_per_image)
+    return {"macs_per_image": macs, "train_flops_per_image": flops, "activation_elements_per_image": elements,
+            "train_bytes_per_image": bytes_per_image, "matmul_tflops": tflops, "copy_gb_per_s": gbps,
+            "compute_bound_img_per_s": tflops * 1e12 / flops, "memory_bound_img_per_s": gbps * 1e9 / bytes_per_image,
+            "floor_img_per_s": floor}
+
+
+# --- 5. accuracy ------------------------------------------------------------------------------
+
+def accuracy(train_first, data, device):
+    if train_first:
+        subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", data, "--device", device], check=True, cwd=ROOT)
+    summaries = sorted((ROOT / "runs").glob("*/summary.json"), key=lambda p: p.stat().st_mtime)
+    if not summaries:
+        return None
+    s = json.loads(summaries[-1].read_text())
+    return {"run": str(summaries[-1].parent.relative_to(ROOT)), "device": s["device"], "best_acc": s["best_acc"],
+            "epochs_run": s["epochs_run"], "epoch_to_target": s["epoch_to_target"],
+            "wall_s_to_target": s["wall_s_to_target"], "target_acc": s["target_acc"], "data": s["config"]["data"],
+            "smoke": s["config"]["smoke"]}
+
+
+# --- the report -------------------------------------------------------------------------------
+
+def table(results):
+    rows = [("stage", "what", "img/s (median)", "min - max", "batch")]
+    for stage in ("pipeline", "model"):
+        for what, r in results[stage].items():
+            rows.append((stage, what, f"{r['img_per_s']:,.0f}", f"{r['min']:,.0f} - {r['max']:,.0f}", str(r["batch"])))
+    e = results["end_to_end"]
+    rows.append(("end to end", f"DALI raw + train step ({e['model']})", f"{e['img_per_s']:,.0f}",
+                 f"{e['min']:,.0f} - {e['max']:,.0f}", str(e["batch"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lim = results["limit"]
+    lines += ["", f"- end to end / model alone: **{e['ratio_to_model']:.2f}** (the pipeline's cost)",
+              f"- limit: {lim['train_flops_per_image'] / 1e6:,.0f} MFLOP and {lim['train_bytes_per_image'] / 1e6:,.1f} MB "
+              f"per training image; measured {lim['matmul_tflops']:,.2f} TFLOP/s matmul and "
+              f"{lim['copy_gb_per_s']:,.1f} GB/s copy -> floor {lim['floor_img_per_s']:,.0f} img/s "
+              f"(compute {lim['compute_bound_img_per_s']:,.0f}, memory {lim['memory_bound_img_per_s']:,.0f}); "
+              f"end to end reaches **{e['fraction_of_floor']:.1%}** of it",
+              "  (bytes: every conv output saved in forward, read in backward, its gradient written and read, "
+              "at the training dtype, plus the uint8 image)"]
+    acc = results["accuracy"]
+    if acc:
+        reached = (f"{acc['target_acc']:.0%} at epoch {acc['epoch_to_target']} ({acc['wall_s_to_target']:.0f} s)"
+                   if acc["epoch_to_target"] else f"{acc['target_acc']:.0%} not reached")
+        lines.append(f"- accuracy ({acc['run']}, {acc['device']}{', smoke data' if acc['smoke'] else ''}): best "
+                     f"{acc['best_acc']:.2%} in {acc['epochs_run']} epochs; {reached}")
+    else:
+        lines.append("- accuracy: no training run found under runs/ (run `make train`, or `make bench ARGS=--train`)")
+    lines += [f"- skipped: {k}: {v}" for k, v in results["skipped"].items()]
+    lines.append(f"- {results['device']}, torch {results['torch']}, DALI {results['dali']}, commit {results['commit']}, "
+                 f"{results['date']}; data: {results['data']}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="fewer, smaller steps: a CPU run in under two minutes")
+    parser.add_argument("--data", default="data", help="CIFAR-10 for the pipeline figures (default: data; synthetic if absent)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 512 on cuda, 32 on cpu")
+    parser.add_argument("--train", action="store_true", help="run train.py (default recipe) first, for the accuracy row")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for the .json and .md results")
+    parser.add_argument("--tensorboard", default=str(ROOT / "runs" / "bench"), help="parent folder of the TensorBoard scalars")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available; use --device cpu")
+    cpu = args.device == "cpu"
+    batch = args.batch_size or (32 if cpu else 512)
+    if batch < 1:
+        parser.error("--batch-size must be at least 1")
+    timing = dict(repeats=5, warmup=(1 if args.quick else 2) if cpu else 10,
+                  steps=(1 if args.quick else 3) if cpu else (10 if args.quick else 50),
+                  sync=torch.cuda.synchronize if not cpu else (lambda: None))
+    pipe_batch = 256 if cpu else 1024  # pipelines alone: their own good batch; DALI's fixed cost is per batch
+    pipe_timing = {**timing, "steps": 4 if args.quick else 20, "warmup": 4}
+
+    images, labels, blobs, what = bench_data(args.data, n_encoded=2048 if args.quick else 20_000)
+    print(f"bench on {args.device}: {what}", flush=True)
+    results = {"device": torch.cuda.get_device_name() if not cpu else f"cpu ({os.cpu_count()} cores)",
+               "torch": torch.__version__, "dali": train.dali_version(), "commit": train.git_commit(),
+               "date": datetime.date.today().isoformat(), "quick": args.quick, "data": what,
+               "pipeline": {}, "model": {}, "skipped": {}}
+    devices = ["cpu"] if cpu else ["cuda", "cpu"]
+    for dev in devices:
+        print(f"pipelines on {dev} ...", flush=True)
+        results["pipeline"][f"DALI raw, {dev}"] = bench_dali(images, labels, dev, pipe_batch, pipe_timing)
+        results["pipeline"][f"DALI encoded (decode), {dev}"] = bench_dali(blobs, labels[:len(blobs)], dev, pipe_batch, pipe_timing)
+    if not cpu:
+        results["pipeline"]["plain torch, cuda"] = bench_torch_gpu(images, pipe_batch, pipe_timing)
+    else:
+        results["skipped"]["plain torch GPU augmenter"] = "needs CUDA"
+    try:
+        results["pipeline"][f"Albumentations DataLoader, {os.cpu_count()} workers"] = bench_albumentations(
+            images, labels, pipe_batch, pipe_timing)
+    except ImportError:
+        results["skipped"]["Albumentations loader"] = "not installed (pip install -e '.[baseline]')"
+
+    print("model ...", flush=True)
+    results["model"], _ = bench_model(args.device, batch, timing)
+    print("end to end ...", flush=True)
+    e2e, model_name = bench_end_to_end(images, labels, args.device, batch, timing)
+    best_model = max(r["img_per_s"] for k, r in results["model"].items() if k.startswith("train"))
+    results["limit"] = bench_limit(args.device, 2 if not cpu else 4, timing["sync"], args.quick)
+    results["end_to_end"] = {**e2e, "model": model_name, "ratio_to_model": e2e["img_per_s"] / best_model,
+                             "fraction_of_floor": e2e["img_per_s"] / results["limit"]["floor_img_per_s"]}
+    results["accuracy"] = accuracy(args.train, args.data, args.device)
+
+    report = table(results)
+    print("\n" + report)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{results['date']}-{args.device}{'-quick' if args.quick else ''}"
+    train.write_json_atomic(results, stem.with_suffix(".json"))
+    stem.with_suffix(".md").write_text(report + "\n")
+    write_tensorboard(results, Path(args.tensorboard) / stem.name)
+    print(f"\nwrote {stem}.json, {stem}.md and TensorBoard scalars in {Path(args.tensorboard) / stem.name}")
+    return 0
+
+
+def write_tensorboard(results, folder):
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(folder) as w:
+        for stage in ("pipeline", "model"):
+            for what, r in results[stage].items():
+                w.add_scalar(f"{stage}/{what}", r["img_per_s"], 0)
+        w.add_scalar("end_to_end/img_per_s", results["end_to_end"]["img_per_s"], 0)
+        w.add_scalar("end_to_end/ratio_to_model", results["end_to_end"]["ratio_to_model"], 0)
+        w.add_scalar("limit/fraction_of_floor", results["end_to_end"]["fraction_of_floor"], 0)

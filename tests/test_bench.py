@@ -1,0 +1,61 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.bench import measure, torch_gpu_augment
+from pipelines import CIFAR10_MEAN, CIFAR10_STD, Augment
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def numbers(d):
+    for v in d.values():
+        if isinstance(v, dict):
+            yield from numbers(v)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            yield v
+
+
+def test_quick_cpu_bench_writes_every_figure(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--device", "cpu", "--data", str(tmp_path / "none"),
+                        "--out", str(tmp_path / "results"), "--tensorboard", str(tmp_path / "tb")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    [result] = (tmp_path / "results").glob("*-cpu-quick.json")
+    res = json.loads(result.read_text())
+    assert (tmp_path / "results" / result.name.replace(".json", ".md")).exists()
+    assert {"DALI raw, cpu", "DALI encoded (decode), cpu"} <= set(res["pipeline"])
+    assert {"train, eager fp32 NCHW", "train, eager fp32 channels_last"} <= set(res["model"])
+    for section in ("pipeline", "model", "end_to_end", "limit"):
+        values = list(numbers(res[section]))
+        assert values and all(v > 0 for v in values), section
+    best_model = max(v["img_per_s"] for k, v in res["model"].items() if k.startswith("train"))
+    assert res["end_to_end"]["img_per_s"] <= 1.3 * best_model  # the pipeline cannot make training faster
+    assert res["limit"]["floor_img_per_s"] > res["end_to_end"]["img_per_s"]
+    assert "| end to end |" in r.stdout and "synthetic" in res["data"]
+    assert list((tmp_path / "tb").iterdir())  # TensorBoard scalars
+
+
+def test_measure_reports_median_and_spread():
+    calls = []
+    r = measure(lambda: calls.append(1), images_per_step=10, steps=3, repeats=5, warmup=2, sync=lambda: None)
+    assert len(calls) == 2 + 3 * 5
+    assert r["min"] <= r["img_per_s"] <= r["max"] and r["repeats"] == 5
+
+
+def test_plain_torch_augmenter_matches_the_recipe():
+    """The GPU comparison augmenter, checked on CPU: same normalization, flip and cutout."""
+    x = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8)
+    gen = torch.Generator().manual_seed(0)
+    ref = (x.permute(0, 3, 1, 2).float() - torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)) / torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    none = torch_gpu_augment(x, Augment(flip_p=0, ssr_p=0, cutout_p=0), gen).float()
+    torch.testing.assert_close(none, ref, atol=0.02, rtol=0.01)  # bf16 output
+    flipped = torch_gpu_augment(x, Augment(flip_p=1, ssr_p=0, cutout_p=0), gen).float()
+    torch.testing.assert_close(flipped, ref.flip(3), atol=0.02, rtol=0.01)
+    cut = torch_gpu_augment(x, Augment(flip_p=0, ssr_p=0, cutout_p=1), gen).float()
+    holes = (cut == 0).all(1).sum(dim=(1, 2)).numpy()
+    assert holes.max() == 256 and np.all(holes > 0)  # 16x16 at most, clipped at the borders
