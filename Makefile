@@ -35,7 +35,7 @@ bench: $(STAMP)
 	$(PY) -m bench $(ARGS)
 
 data: $(STAMP)
-	$(PY) -m pipelines.data $(if $(SRC),--src "$(SRC)")
+	$(PY) -m pipelines.fetch $(if $(SRC),--src "$(SRC)")
 
 tensorboard: $(STAMP)
 	.venv/bin/tensorboard --logdir runs $(ARGS)

@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import signal
 import subprocess
@@ -284,7 +283,7 @@ def loaders(cfg, env):
             return smoke_data(split, cfg.seed)
         return load_cifar10(cfg.data, split, encoded=cfg.source == "encoded")
 
-    common = dict(device=env.device.type, seed=cfg.seed, shard_id=env.rank, num_shards=env.world,
+    common = dict(device=str(env.device), seed=cfg.seed, shard_id=env.rank, num_shards=env.world,
                   dtype=torch.bfloat16 if env.device.type == "cuda" else torch.float32)
     train = make_loader(*load("train"), batch_size=cfg.batch_size // env.world, train=True, augment=Augment(), **common)
     test = make_loader(*load("test"), batch_size=cfg.eval_batch_size, train=False, **common)

@@ -168,7 +168,7 @@ class Loader:
             device="gpu" if on_gpu else "cpu", encoded=self.encoded, train=self.train, augment=self.augment,
             mean=self.mean, std=self.std, half=self.dtype in (torch.float16, torch.bfloat16),
             batch_size=self.batch_size, num_threads=self.num_threads,
-            device_id=(self.device.index or 0) if on_gpu else None,
+            device_id=torch.cuda.current_device() if on_gpu and self.device.index is None else self.device.index,
             # The augmentation draws of epoch e on shard r depend on (seed, e, r) only.
             seed=int(np.random.default_rng([self.seed, self.epoch, self.shard_id]).integers(2**31 - 1)),
             prefetch_queue_depth=2, exec_dynamic=True,

@@ -13,16 +13,14 @@ Three forms are accepted, each for the splits "train" (50,000) and "test" (10,00
 instead, for DALI's decoder. Every problem with the input raises `DataError`, one line that
 names the file and what to do.
 
-`python -m pipelines.data` (`make data`) downloads the binary tarball, or imports a local copy.
+`download` and `import_copy` serve `make data` (`python -m pipelines.fetch`).
 """
-import argparse
 import codecs
 import hashlib
 import io
 import os
 import pickle
 import shutil
-import sys
 import tarfile
 import tempfile
 import urllib.request
@@ -107,13 +105,17 @@ def _check_labels(labels, where):
         raise DataError(f"{where}: label {int(labels.max() if labels.max() > 9 else labels.min())} outside 0..9; the file is not CIFAR-10")
 
 
+def _read_batch(files, name):
+    if name not in set(files.names()):
+        raise DataError(f"{files.where(name)}: missing batch file; the copy is incomplete, fetch it again")
+    return files.read(name)
+
+
 def _read_binary(files, prefix, batch_names):
     images, labels = [], []
     for batch in batch_names:
         name = prefix + batch
-        if name not in set(files.names()):
-            raise DataError(f"{files.where(name)}: missing batch file; the copy is incomplete, fetch it again")
-        raw = np.frombuffer(files.read(name), dtype=np.uint8)
+        raw = np.frombuffer(_read_batch(files, name), dtype=np.uint8)
         if raw.size == 0 or raw.size % RECORD:
             raise DataError(f"{files.where(name)}: {raw.size} bytes is not a whole number of {RECORD}-byte records; the file is truncated")
         records = raw.reshape(-1, RECORD)
@@ -144,10 +146,9 @@ def _read_python(files, prefix, batch_names):
     images, labels = [], []
     for batch in batch_names:
         name = prefix + batch
-        if name not in set(files.names()):
-            raise DataError(f"{files.where(name)}: missing batch file; the copy is incomplete, fetch it again")
+        blob = _read_batch(files, name)
         try:
-            d = _PlainDataUnpickler(io.BytesIO(files.read(name)), encoding="bytes").load()
+            d = _PlainDataUnpickler(io.BytesIO(blob), encoding="bytes").load()
         except pickle.UnpicklingError as e:
             raise DataError(f"{files.where(name)}: not a plain-data CIFAR pickle ({e}); use the official tarball") from None
         except Exception as e:  # truncated or garbled pickle streams raise many types
@@ -322,27 +323,3 @@ def import_copy(src, data_dir):
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"imported {src} -> {dest}")
     return dest
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m pipelines.data",
-                                     description="Download CIFAR-10 (binary tarball, md5-checked) or import a local copy.")
-    parser.add_argument("--out", default="data", help="data folder (default: data)")
-    parser.add_argument("--src", default=None, help="import this tarball, extracted folder or image tree instead of downloading")
-    parser.add_argument("--url", default=BINARY["url"], help=argparse.SUPPRESS)
-    parser.add_argument("--md5", default=BINARY["md5"], help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    try:
-        if args.src:
-            import_copy(args.src, args.out)
-        else:
-            dest = download(args.url, Path(args.out) / BINARY["name"], args.md5)
-            print(f"{dest}: train {len(load_cifar10(dest, 'train')[1]):,} + test {len(load_cifar10(dest, 'test')[1]):,} images")
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
