@@ -138,6 +138,10 @@ class Env:
     def master(self):
         return self.rank == 0
 
+    @property
+    def name(self):
+        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+
 
 def setup_env(cfg):
     ddp = "RANK" in os.environ  # started by torchrun
@@ -369,7 +373,7 @@ def main(argv=None):
 
     if env.master:
         print("config:", json.dumps(dataclasses.asdict(cfg)))
-        print(f"device: {torch.cuda.get_device_name(env.device) if env.device.type == 'cuda' else 'cpu'} x {env.world}, "
+        print(f"device: {env.name} x {env.world}, "
               f"params {count_params(model):,}, {steps_per_epoch} steps/epoch of {cfg.batch_size}")
     fast_model = model
     if cfg.compile if cfg.compile is not None else env.device.type == "cuda":
@@ -400,7 +404,7 @@ def main(argv=None):
         h = state["history"]
         write_json_atomic({
             "config": dataclasses.asdict(cfg), "commit": git_commit(),
-            "device": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu",
+            "device": env.name,
             "world_size": env.world, "torch": torch.__version__, "dali": dali_version(),
             "params": count_params(model), "best_acc": state["best_acc"], "final_acc": final_acc,
             "epochs_run": len(h), "wall_s": state["wall_s"], "train_s": state["train_s"],
@@ -416,28 +420,26 @@ def main(argv=None):
     final_acc = None
     for epoch in range(state["epoch"], cfg.epochs):
         wall0 = time.perf_counter()
-        sums = torch.zeros(3, device=env.device)  # loss * n, correct, n: summed on device, no sync
+        sums = torch.zeros(2, device=env.device)  # loss * n, correct: summed on device, no sync
         bad_step = torch.full((), -1, device=env.device)  # first step whose loss was not finite
         first = state["step_in_epoch"]
         bar = tqdm(train_loader, total=steps_per_epoch, initial=first, disable=not env.master, leave=False,
                    desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", dynamic_ncols=True)
-        step = first
+        step, n = first, 0  # n: images this rank trained on (a host count: no transfer per step)
         for step, (x, y) in enumerate(bar, start=first):
             loss, correct = train_step(train_model, optimizer, x, y, label_smoothing=cfg.label_smoothing,
                                        autocast=env.autocast)
             if cfg.schedule == "onecycle":
                 scheduler.step()
-            sums += torch.stack([loss * len(y), correct.float(), torch.tensor(float(len(y)), device=env.device)])
+            sums += torch.stack([loss * len(y), correct.float()])
+            n += len(y)
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
             if step % cfg.log_every == 0 or step == steps_per_epoch - 1 or stop.signum:
                 if bad_step.item() >= 0:  # sync: on log steps only
-                    if env.master:
-                        print(f"error: non-finite loss at epoch {epoch + 1}, step {bad_step.item() + 1}; stopped. "
-                              f"The last good checkpoint is {run_dir / 'last.pt'} (try a lower --lr)", file=sys.stderr)
-                    return 1
+                    return stop_nonfinite(env, epoch, bad_step.item(), run_dir)
                 s = sums.tolist()  # sync: on log steps only
-                bar.set_postfix(loss=f"{s[0] / s[2]:.3f}", acc=f"{s[1] / s[2]:.1%}",
-                                img_s=f"{s[2] * env.world / max(bar.format_dict['elapsed'], 1e-9):,.0f}")
+                bar.set_postfix(loss=f"{s[0] / n:.3f}", acc=f"{s[1] / n:.1%}",
+                                img_s=f"{n * env.world / max(bar.format_dict['elapsed'], 1e-9):,.0f}")
             if stop.signum:
                 break
         if env.device.type == "cuda":
@@ -453,7 +455,8 @@ def main(argv=None):
             dist.all_reduce(sums)
             for b in model.buffers():  # evaluate every rank with rank 0's BatchNorm statistics
                 dist.broadcast(b, 0)
-        train_loss, train_acc, n = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item(), sums[2].item()
+        n *= env.world  # equal shards: every rank trains on the same number of images
+        train_loss, train_acc = (sums / n).tolist()  # sync: once per epoch
         test_loss, test_acc, confusion = evaluate(fast_model, test_loader, env)
         if cfg.schedule == "plateau":
             scheduler.step(test_loss)
@@ -499,6 +502,13 @@ def main(argv=None):
     if env.ddp:
         dist.destroy_process_group()
     return 0
+
+
+def stop_nonfinite(env, epoch, step, run_dir):
+    if env.master:
+        print(f"error: non-finite loss at epoch {epoch + 1}, step {step + 1}; stopped. "
+              f"The last good checkpoint is {run_dir / 'last.pt'} (try a lower --lr)", file=sys.stderr)
+    return 1
 
 
 def assert_ranks_agree(model):

@@ -214,17 +214,21 @@ def bench_model(device, batch, timing):
             train.train_step(model, optimizer, x, y, label_smoothing=0.1, autocast=env.autocast)
 
         results[f"train, {name}"] = measure(step, images_per_step=batch, **timing)
-    model.eval()  # inference with the last (train.py's) variant
+    results[f"inference, {name}"] = bench_inference(model.eval(), env, batches, batch, timing)  # train.py's variant
+    return results
 
-    @torch.no_grad()
+
+@torch.no_grad()
+def bench_inference(model, env, batches, batch, timing):
+    i = [0]
+
     def infer():
         x, _ = batches[i[0] % len(batches)]
         i[0] += 1
         with env.autocast():
             model(x)
 
-    results[f"inference, {name}"] = measure(infer, images_per_step=batch, **timing)
-    return results, (model, env, name)
+    return measure(infer, images_per_step=batch, **timing)
 
 
 def bench_end_to_end(images, labels, device, batch, timing):
@@ -381,7 +385,7 @@ def main(argv=None):
         results["skipped"]["Albumentations loader"] = "not installed (pip install -e '.[baseline]')"
 
     print("model ...", flush=True)
-    results["model"], _ = bench_model(args.device, batch, timing)
+    results["model"] = bench_model(args.device, batch, timing)
     print("end to end ...", flush=True)
     e2e, model_name = bench_end_to_end(images, labels, args.device, batch, timing)
     best_model = max(r["img_per_s"] for k, r in results["model"].items() if k.startswith("train"))

@@ -120,9 +120,9 @@ class Loader:
             self.labels = torch.as_tensor(labels).to(device)
         else:
             self.images, self.labels = images, np.asarray(labels, dtype=np.int64)
-        shard = len(self._shard_indices(0))
-        if train and shard < batch_size:
-            raise ValueError(f"shard {shard_id} has {shard} images, fewer than one batch of {batch_size}")
+        self.shard_size = len(self._shard_indices(0))
+        if train and self.shard_size < batch_size:
+            raise ValueError(f"shard {shard_id} has {self.shard_size} images, fewer than one batch of {batch_size}")
 
     def _shard_indices(self, epoch):
         """This shard's slice of the epoch's permutation: disjoint across shards, covering all."""
@@ -133,8 +133,7 @@ class Loader:
         return np.array_split(order, self.num_shards)[self.shard_id]
 
     def __len__(self):
-        shard = len(self._shard_indices(0))
-        return shard // self.batch_size if self.train else -(-shard // self.batch_size)
+        return self.shard_size // self.batch_size if self.train else -(-self.shard_size // self.batch_size)
 
     def set_epoch(self, epoch, skip=0):
         """The next `iter()` runs `epoch`, starting after its first `skip` batches (a resumed run)."""
