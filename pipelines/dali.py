@@ -19,9 +19,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-CIFAR10_MEAN = (125.307, 122.950, 113.865)  # per channel, 0..255, over the 50,000 train images
-CIFAR10_STD = (62.993, 62.089, 66.705)
-SIZE = 32  # CIFAR-10 images are 32x32: the data layer refuses anything else
+from .data import MEAN, SIZE, STD
 
 
 @dataclasses.dataclass
@@ -102,12 +100,36 @@ def cifar_graph(source, *, device, encoded, train, augment, mean, std, half):
 class Loader:
     """Batches of one shard of CIFAR-10 through `cifar_graph`, one epoch per `iter()`.
 
-    Yields (x, y): x (N, 3, 32, 32) in channels_last memory on `device`, y int64 (N,).
+    images: uint8 (N, 32, 32, 3) for the raw source, or a list of encoded image bytes (the
+    encoded source, decoded by DALI every epoch), as `load_cifar10` returns them.
+    train=True: shuffled from (seed, epoch), the partial last batch dropped, `augment` applied
+    (None: no augmentation); train=False: every image once in order, the partial last batch
+    kept, no augmentation. Yields (x, y): x (B, 3, 32, 32) in channels_last memory on `device`
+    in `dtype`, y int64 (B,).
     """
 
-    def __init__(self, images, labels, *, batch_size, train, device, augment, seed, shard_id, num_shards,
-                 dtype, mean, std, num_threads):
+    def __init__(self, images, labels, *, batch_size, train, device="cuda", augment=Augment(), seed=0,
+                 shard_id=0, num_shards=1, dtype=torch.float32, mean=MEAN, std=STD, num_threads=None):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
+        if str(device) not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
+            raise ValueError(f"device must be 'cuda' or 'cpu', not {device!r}")
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' but CUDA is not available; use device='cpu'")
+        if num_shards < 1 or not 0 <= shard_id < num_shards:
+            raise ValueError(f"shard_id must be in [0, num_shards), got shard_id={shard_id}, num_shards={num_shards}")
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, not {dtype}")
+        if augment is not None and not isinstance(augment, Augment):
+            raise ValueError(f"augment must be an Augment or None, not {type(augment).__name__}")
         self.encoded = isinstance(images, list)
+        if not self.encoded:
+            images = np.ascontiguousarray(images)
+            if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (SIZE, SIZE, 3):
+                raise ValueError(f"images must be uint8 (N, 32, 32, 3), not {images.dtype} {images.shape}")
         self.batch_size, self.train, self.augment = batch_size, train, augment
         self.device, self.dtype, self.mean, self.std = device, dtype, mean, std
         self.seed, self.shard_id, self.num_shards = seed, shard_id, num_shards
@@ -138,12 +160,6 @@ class Loader:
     def set_epoch(self, epoch, skip=0):
         """The next `iter()` runs `epoch`, starting after its first `skip` batches (a resumed run)."""
         self.epoch, self.skip = epoch, skip
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "seed": self.seed}
-
-    def load_state_dict(self, state):
-        self.epoch, self.seed = state["epoch"], state["seed"]
 
     def _source(self, indices):
         batches = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)][self.skip:len(self)]
@@ -183,34 +199,4 @@ class Loader:
             yield x, y.view(-1).long()
 
 
-def make_loader(images, labels, *, batch_size, train, device="cuda", augment=Augment(), seed=0, shard_id=0,
-                num_shards=1, dtype=torch.float32, mean=CIFAR10_MEAN, std=CIFAR10_STD, num_threads=None):
-    """A `Loader` over (images, labels) from `load_cifar10`.
-
-    images: uint8 (N, 32, 32, 3) for the raw source, or a list of encoded image bytes (the
-    encoded source, decoded by DALI every epoch). train=True: shuffled from (seed, epoch), the
-    partial last batch dropped, `augment` applied (None: no augmentation); train=False: every
-    image once in order, the partial last batch kept, no augmentation.
-    """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
-    if str(device) not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
-        raise ValueError(f"device must be 'cuda' or 'cpu', not {device!r}")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but CUDA is not available; use device='cpu'")
-    if num_shards < 1 or not 0 <= shard_id < num_shards:
-        raise ValueError(f"shard_id must be in [0, num_shards), got shard_id={shard_id}, num_shards={num_shards}")
-    if len(images) != len(labels):
-        raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, not {dtype}")
-    if augment is not None and not isinstance(augment, Augment):
-        raise ValueError(f"augment must be an Augment or None, not {type(augment).__name__}")
-    if not isinstance(images, list):
-        images = np.ascontiguousarray(images)
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (SIZE, SIZE, 3):
-            raise ValueError(f"images must be uint8 (N, 32, 32, 3), not {images.dtype} {images.shape}")
-    return Loader(images, labels, batch_size=batch_size, train=train, device=device, augment=augment, seed=seed,
-                  shard_id=shard_id, num_shards=num_shards, dtype=dtype, mean=mean, std=std,
-                  num_threads=num_threads)
+make_loader = Loader  # the front door's name (`from pipelines import make_loader`), one signature

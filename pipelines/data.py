@@ -13,6 +13,8 @@ Three forms are accepted, each for the splits "train" (50,000) and "test" (10,00
 instead, for DALI's decoder. Every problem with the input raises `DataError`, one line that
 names the file and what to do.
 
+`synthetic_cifar` makes a small learnable stand-in (smoke runs, tests, the bench without data);
+`subset` takes a class-balanced sample (`--limit-train`, `--limit-test`).
 `download` and `import_copy` serve `make data` (`python -m pipelines.fetch`).
 """
 import codecs
@@ -29,8 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
+# --- the dataset's constants: every module takes them from here -------------------------------
+
 SPLITS = {"train": 50_000, "test": 10_000}
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+SIZE = 32  # images are 32x32 RGB: the loaders refuse anything else
+MEAN = (125.307, 122.950, 113.865)  # per channel, 0..255, over the 50,000 train images
+STD = (62.993, 62.089, 66.705)
 BINARY = {"name": "cifar-10-binary.tar.gz", "folder": "cifar-10-batches-bin",
           "md5": "c32a1d4ab5d03f1284b67883e8d87530",
           "url": "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
@@ -55,6 +62,9 @@ class Files:
         self.path = Path(path)
         self.tar = None
         if self.path.is_file():
+            if not _looks_like_archive(self.path):
+                raise DataError(f"{self.path}: not a tar or tar.gz archive; pass a CIFAR-10 tarball, its extracted "
+                                f"folder, or a train/<class>/ image tree")
             try:
                 self.tar = tarfile.open(self.path)  # transparent gzip
                 members = self.tar.getmembers()
@@ -83,6 +93,13 @@ class Files:
             return (self.path / name).read_bytes()
         except (tarfile.TarError, EOFError, zlib.error, OSError, KeyError) as e:
             raise DataError(f"{self.where(name)}: unreadable ({_short(e)}); fetch the data again") from None
+
+
+def _looks_like_archive(path):
+    """A gzip, bzip2 or xz stream, or a tar header: what tarfile.open can read (it says only "could not be opened")."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    return head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ")) or head[257:262] == b"ustar"
 
 
 def _short(e):
@@ -185,7 +202,8 @@ def _tree_index(files, prefix, split):
     return [(n, label) for label, c in enumerate(classes) for n in by_class[c]]
 
 
-def _decode(blob, where):
+def decode_image(blob, where="image"):
+    """uint8 (32, 32, 3) pixels of one encoded CIFAR image; DataError naming `where` otherwise."""
     from PIL import Image
 
     try:
@@ -206,9 +224,9 @@ def _read_tree(files, prefix, split, encoded):
     blobs = [files.read(n) for n, _ in index]
     if encoded:
         for (n, _), blob in zip(index[:1], blobs[:1]):
-            _decode(blob, files.where(n))  # fail here, not inside DALI, if the files are not images
+            decode_image(blob, files.where(n))  # fail here, not inside DALI, if the files are not images
         return [np.frombuffer(b, dtype=np.uint8) for b in blobs], labels
-    return np.stack([_decode(b, files.where(n)) for (n, _), b in zip(index, blobs)]), labels
+    return np.stack([decode_image(b, files.where(n)) for (n, _), b in zip(index, blobs)]), labels
 
 
 # --- the front door ----------------------------------------------------------------------------
@@ -257,6 +275,41 @@ def load_cifar10(root, split, *, encoded=False):
 def data_format(root):
     """'binary', 'python' or 'tree': what `load_cifar10(root, ...)` would read."""
     return _locate(root)[1]
+
+
+# --- stand-ins and samples ----------------------------------------------------------------------
+
+def synthetic_cifar(n, *, split="train", seed=0):
+    """(images uint8 (n, 32, 32, 3), labels int64 (n,)) shaped like CIFAR-10 and learnable.
+
+    Each class is a flat colour (the same in both splits) plus Gaussian noise (different per
+    split), so a few steps of training beat chance. Labels are balanced and in class order, as
+    `load_cifar10` returns an image tree.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, not {split!r}")
+    labels = (np.arange(n) * len(CLASSES) // max(n, 1)).astype(np.int64)
+    palette = np.random.default_rng(seed).integers(30, 225, (len(CLASSES), 3))
+    noise = np.random.default_rng([seed, list(SPLITS).index(split)]).normal(0, 25, (n, SIZE, SIZE, 3))
+    return np.clip(palette[labels][:, None, None, :] + noise, 0, 255).astype(np.uint8), labels
+
+
+def subset(images, labels, n, *, seed=0):
+    """A class-balanced random sample of n (images, labels), in their original order.
+
+    Works for pixel arrays and for lists of encoded images. Round-robin over the classes of a
+    seeded permutation: the first images of an image tree are all one class.
+    """
+    if n >= len(labels):
+        return images, labels
+    order = np.random.default_rng(seed).permutation(len(labels))
+    rank_in_class = np.empty(len(labels), np.int64)
+    for c in np.unique(labels):
+        members = order[labels[order] == c]
+        rank_in_class[members] = np.arange(len(members))
+    keep = np.sort(order[np.argsort(rank_in_class[order], kind="stable")[:n]])
+    picked = [images[i] for i in keep] if isinstance(images, list) else images[keep]
+    return picked, labels[keep]
 
 
 # --- `make data`: download or import, atomically -----------------------------------------------

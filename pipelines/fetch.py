@@ -26,7 +26,7 @@ def main(argv=None):
             print(f"{dest}: train {len(load_cifar10(dest, 'train')[1]):,} + test {len(load_cifar10(dest, 'test')[1]):,} images")
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2  # the user's to fix, as in every entry point of the project
     return 0
 
 

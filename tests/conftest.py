@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.data import BINARY, CLASSES, PYTHON
+from pipelines.data import BINARY, CLASSES, PYTHON, synthetic_cifar
 
 SHARED_JPEG = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 N_PER_SPLIT = {"train": 40, "test": 20}  # 4 and 2 images of each class
@@ -19,10 +19,7 @@ N_PER_SPLIT = {"train": 40, "test": 20}  # 4 and 2 images of each class
 
 def make_split(split, seed=0):
     """(images uint8 (N,32,32,3), labels int64 (N,)): every class present, labels in order."""
-    rng = np.random.default_rng(seed + (split == "test"))
-    n = N_PER_SPLIT[split]
-    labels = np.repeat(np.arange(10), n // 10).astype(np.int64)
-    return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), labels
+    return synthetic_cifar(N_PER_SPLIT[split], split=split, seed=seed)
 
 
 def binary_records(images, labels):

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import add_bytes, binary_records, make_split, python_batch
-from pipelines.data import BINARY, DataError, data_format, load_cifar10
+from pipelines.data import BINARY, DataError, data_format, load_cifar10, subset, synthetic_cifar
 
 
 def assert_split(root, split):
@@ -98,6 +98,13 @@ def test_garbage_archive(tmp_path):
         load_cifar10(tmp_path / "x.tar.gz", "train")
 
 
+def test_a_file_that_is_no_archive(tmp_path):
+    (tmp_path / "notes.txt").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    with pytest.raises(DataError, match="not a tar or tar.gz archive") as e:
+        load_cifar10(tmp_path / "notes.txt", "train")
+    assert "image tree" in one_line(e)
+
+
 def write_binary_folder(tmp_path, records):
     folder = tmp_path / BINARY["folder"]
     folder.mkdir()
@@ -169,3 +176,26 @@ def test_real_python_pickles_need_only_numpy(tmp_path):
     images, labels = make_split("test")
     d = pickle.loads(python_batch(images, labels))  # what the official pickles contain, plainly
     assert set(d) == {b"batch_label", b"labels", b"data", b"filenames"}
+
+
+# --- generated data and class-balanced samples ------------------------------------------------
+
+def test_synthetic_cifar_is_shaped_like_cifar_and_seeded():
+    images, labels = synthetic_cifar(50, split="train", seed=1)
+    assert images.dtype == np.uint8 and images.shape == (50, 32, 32, 3) and labels.dtype == np.int64
+    assert np.bincount(labels).tolist() == [5] * 10 and np.all(np.diff(labels) >= 0)
+    np.testing.assert_array_equal(images, synthetic_cifar(50, split="train", seed=1)[0])
+    test_images = synthetic_cifar(50, split="test", seed=1)[0]
+    assert not np.array_equal(images, test_images)  # other noise, same class colours:
+    assert np.abs(images.mean((1, 2)) - test_images.mean((1, 2))).max() < 15  # learnable across splits
+
+
+def test_subset_is_class_balanced_and_keeps_order(image_tree):
+    images, labels = load_cifar10(image_tree, "train", encoded=True)  # a list of bytes, class after class
+    picked, picked_labels = subset(images, labels, 20, seed=0)
+    assert len(picked) == 20 and isinstance(picked, list)
+    assert np.bincount(picked_labels, minlength=10).tolist() == [2] * 10  # not the first 20: all one class
+    assert np.all(np.diff(picked_labels) >= 0)
+    assert all(any(p is i for i in images) for p in picked)
+    whole = subset(images, labels, 1000)
+    assert whole[0] is images  # asking for more than there is: everything

@@ -20,7 +20,7 @@ def test_download_checks_md5_and_writes_atomically(binary_tarball, tmp_path):
     out = tmp_path / "data"
     url = binary_tarball.as_uri()
     bad = run_data("--out", str(out), "--url", url, "--md5", "0" * 32)
-    assert bad.returncode == 1 and "does not match" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "does not match" in bad.stderr and "Traceback" not in bad.stderr
     assert not out.exists() or list(out.iterdir()) == []  # no partial file left behind
     good = run_data("--out", str(out), "--url", url, "--md5", md5(binary_tarball))
     assert good.returncode == 0, good.stderr
@@ -31,7 +31,7 @@ def test_download_checks_md5_and_writes_atomically(binary_tarball, tmp_path):
 
 def test_download_offline_says_how_to_import(tmp_path):
     r = run_data("--out", str(tmp_path), "--url", "http://127.0.0.1:9/cifar-10-binary.tar.gz")
-    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "make data SRC=" in r.stderr
 
 
@@ -44,7 +44,7 @@ def test_import_copies_and_bad_import_keeps_the_good_one(image_tree, tmp_path):
     broken = write_image_tree(tmp_path / "broken" / image_tree.name)
     (broken / "train" / "cat" / "0002.png").write_bytes(b"not an image")
     r = run_data("--out", str(out), "--src", str(broken))
-    assert r.returncode == 1 and "unreadable image" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "unreadable image" in r.stderr and "Traceback" not in r.stderr
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     assert_split(out, "train")  # the earlier good import still loads
 
@@ -58,4 +58,4 @@ def test_import_tarball(tmp_path):
 
 def test_import_missing_source(tmp_path):
     r = run_data("--out", str(tmp_path / "data"), "--src", str(tmp_path / "missing.tar.gz"))
-    assert r.returncode == 1 and r.stderr.startswith("error:") and "does not exist" in r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "does not exist" in r.stderr
