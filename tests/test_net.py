@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from net import build_model, count_macs, count_params, receptive_field
+from net.model import activation_elements, block_table, train_memory_bytes
 
 
 def test_parameters_under_budget():
@@ -83,6 +84,23 @@ def test_cli_json():
     assert facts["params"] < 200_000 and facts["receptive_field"] > 44 and facts["macs"] > 0
 
 
-def test_cli_table():
+def test_cli_prints_the_block_table_then_torchsummary():
     out = subprocess.run([sys.executable, "-m", "net"], capture_output=True, text=True, check=True).stdout
     assert "Total params: 133,322" in out and "receptive field  49" in out
+    assert out.index("C1") < out.index("C4") < out.index("Layer (type)")  # blocks first, then the layer table
+
+
+def test_block_table_adds_up_to_the_model():
+    model = build_model()
+    rows = block_table(model)
+    assert [r[0] for r in rows] == ["C1", "C2", "C3", "C4", "head"]
+    assert sum(r[4] for r in rows) == count_params(model)
+    assert "plain" in rows[0][1] and "groups" in rows[1][1]  # only C1's first conv is a full conv
+
+
+def test_training_memory_estimate_scales_with_the_batch():
+    model = build_model()
+    # three convs a block, every map 32x32 and as wide as its block
+    assert activation_elements(model) == 32 * 32 * 3 * (32 + 64 + 128 + 256)
+    assert train_memory_bytes(model, 512) == 4 * train_memory_bytes(model, 128)
+    assert 20e6 < train_memory_bytes(model, 1) < 30e6  # calibrated on CPU fp32: about 23 MB an image
