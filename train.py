@@ -1,514 +1,262 @@
-"""Train the seed CNN on CIFAR-10: `python train.py` (`make train`), `python train.py --help`.
+"""Train the seed CNN on CIFAR-10: `python train.py` (`make train`); `python train.py --help` lists every flag.
 
 On CUDA: DALI on the GPU, bf16 autocast, channels_last, torch.compile (checked against eager
 before use). On CPU: the same code in fp32, eager. Multi-GPU: `torchrun --nproc_per_node N
 train.py`; --batch-size is the global batch, split evenly over the ranks, so the recipe (and its
-learning rate) does not change with N.
+learning rate) does not change with N. A script: the loop itself lives in net/engine.py, which
+the bench times.
 
 Writes runs/<name>/: TensorBoard events, last.pt and best.pt (atomic, every epoch), summary.json.
 """
 import argparse
-import contextlib
 import dataclasses
+import gc
 import json
+import math
 import os
-import signal
-import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from net import build_model, count_params
-from pipelines import CLASSES, Augment, DataError, load_cifar10, make_loader
+from net.engine import (Config, NonFiniteLoss, StopSignal, UserError, compile_checked, evaluate, load_checkpoint,
+                        make_optimizer, make_scheduler, resolve, run_facts, save_checkpoint, setup_env, total_steps,
+                        train_epoch, warmup_steps, write_json)
+from net.model import train_memory_bytes
+from pipelines import CLASSES, Augment, DataError, load_cifar10, make_loader, subset, synthetic_cifar
+from pipelines.data import decode_image
+from pipelines.preview import one_per_class
 
-# --- configuration ------------------------------------------------------------------------------
-
-RECIPES = {
-    # SGD + Nesterov with a short warm-up and a linear decay to 0, label smoothing, a large batch:
-    # the usual way to reach a fixed accuracy in few epochs. Weight decay skips BN and biases.
-    # Chosen from practice, not yet measured on a GPU here (see README).
-    "fast": dict(epochs=15, batch_size=512, optimizer="sgd", lr=0.2, weight_decay=5e-4, label_smoothing=0.1,
-                 schedule="onecycle", warmup_epochs=2.0, dropout=0.05, eval_batch_size=1000),
-    # The original design: Adam 1e-3, ReduceLROnPlateau on test loss, batch 128, 63 epochs.
-    "seed": dict(epochs=63, batch_size=128, optimizer="adam", lr=1e-3, weight_decay=0.0, label_smoothing=0.0,
-                 schedule="plateau", warmup_epochs=0.0, dropout=0.1, eval_batch_size=1000),
-}
-# `--smoke`: the whole path end to end in well under two minutes on a CPU, no download.
-SMOKE = dict(epochs=1, batch_size=16, eval_batch_size=64, device="cpu", compile=False)
-SMOKE_SIZES = {"train": 256, "test": 128}
+# What a resumed run may change: how long it goes on, and how (not what) it computes.
+RESUME_MAY_CHANGE = ("epochs", "max_steps", "log_every", "device", "compile", "compile_mode")
 
 
-@dataclass
-class Config:
-    data: str = field(default="data", metadata={"help": "anything load_cifar10 accepts (`make data` fills data/)"})
-    source: str = field(default="raw", metadata={"choices": ["raw", "encoded"],
-                        "help": "raw: uint8 arrays resident on device; encoded: JPEG/PNG decoded by DALI every epoch"})
-    recipe: str = field(default="fast", metadata={"choices": list(RECIPES), "help": "preset for the fields left unset"})
-    epochs: int = field(default=None, metadata={"help": "training epochs"})
-    batch_size: int = field(default=None, metadata={"help": "global batch, images per step over all ranks"})
-    optimizer: str = field(default=None, metadata={"choices": ["sgd", "adam"]})
-    lr: float = field(default=None, metadata={"help": "peak learning rate (sgd: Nesterov, momentum 0.9)"})
-    weight_decay: float = field(default=None, metadata={"help": "on conv and linear weights only"})
-    label_smoothing: float = field(default=None)
-    schedule: str = field(default=None, metadata={"choices": ["onecycle", "plateau"],
-                          "help": "onecycle: linear warm-up then linear decay to 0, per step; plateau: x0.5 after 3 epochs without test-loss gain"})
-    warmup_epochs: float = field(default=None)
-    dropout: float = field(default=None, metadata={"help": "after every conv"})
-    eval_batch_size: int = field(default=None, metadata={"help": "1000 divides 10,000: one shape for the compiled model"})
-    seed: int = field(default=0, metadata={"help": "model init, shuffling and augmentation all follow from it"})
-    device: str = field(default=None, metadata={"choices": ["auto", "cuda", "cpu"], "help": "default: cuda when available"})
-    compile: bool = field(default=None, metadata={"help": "torch.compile (default: on with CUDA, off on CPU)"})
-    compile_mode: str = field(default="default", metadata={"help": "torch.compile mode, e.g. max-autotune"})
-    target_acc: float = field(default=0.85, metadata={"help": "record when test accuracy first reaches this"})
-    runs: str = field(default="runs", metadata={"help": "parent folder of run folders"})
-    name: str = field(default=None, metadata={"help": "run folder name (default: date-time-recipe)"})
-    resume: str = field(default=None, metadata={"help": "continue the run in this folder from its last.pt"})
-    log_every: int = field(default=25, metadata={"help": "steps between progress-bar updates (each is a GPU sync)"})
-    smoke: bool = field(default=False, metadata={"help": "tiny generated dataset, 1 epoch on CPU: checks the whole path"})
-
+# --- configuration: the flags, or a resumed run's saved settings --------------------------------
 
 def parse_config(argv=None):
-    parser = argparse.ArgumentParser(prog="train.py", description=__doc__.splitlines()[0])
+    """(Config, checkpoint or None, notes). The checkpoint of a resumed run is read here, once."""
+    parser = argparse.ArgumentParser(prog="train.py", description=__doc__.splitlines()[0],
+                                     argument_default=argparse.SUPPRESS)  # so that we see which flags were typed
     for f in dataclasses.fields(Config):
         flag, help_ = "--" + f.name.replace("_", "-"), f.metadata.get("help")
         if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
         else:
-            parser.add_argument(flag, type=f.type, default=f.default, choices=f.metadata.get("choices"), help=help_)
-    cfg = Config(**vars(parser.parse_args(argv)))
-    if cfg.resume:  # the saved configuration, whole: the run goes on exactly as it began
-        run_dir = Path(cfg.resume)
-        cfg = Config(**load_checkpoint(run_dir / "last.pt", parser)["config"])
-        cfg.resume, cfg.runs, cfg.name = str(run_dir), str(run_dir.parent), run_dir.name
-    # Unset fields come from --smoke, then from the recipe.
-    for key, value in {**RECIPES[cfg.recipe], **(SMOKE if cfg.smoke else {})}.items():
-        if getattr(cfg, key) is None:
-            setattr(cfg, key, value)
-    cfg.name = cfg.name or time.strftime("%Y%m%d-%H%M%S-") + ("smoke" if cfg.smoke else cfg.recipe)
-    check_config(cfg, parser)
-    return cfg, parser
+            parser.add_argument(flag, type=f.type, choices=f.metadata.get("choices"), help=help_)
+    given = vars(parser.parse_args(argv))  # syntax errors: argparse's usage and exit 2
+    if "resume" not in given:
+        cfg = resolve(Config(**given))
+        check_config(cfg)
+        return cfg, None, []
+
+    run_dir = Path(given.pop("resume"))
+    ckpt = load_checkpoint(run_dir / "last.pt")
+    if set(fresh_state()) - set(ckpt["state"]):
+        raise UserError(f"{run_dir / 'last.pt'} was written by an older train.py; start a new run without --resume")
+    saved = Config(**{**ckpt["config"], "resume": str(run_dir), "runs": str(run_dir.parent), "name": run_dir.name})
+    changed = {k: v for k, v in given.items() if getattr(saved, k) != v}
+    for key in changed:
+        if key not in RESUME_MAY_CHANGE:
+            raise UserError(f"--{key.replace('_', '-')} {changed[key]} differs from the run's {getattr(saved, key)}; a resumed "
+                            f"run keeps its settings but {', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE)}: "
+                            f"drop the flag, or start a new run")
+    for key in ("epochs", "max_steps"):  # a shorter run would cut its schedule short
+        if key in changed and (getattr(saved, key) is None or changed[key] < getattr(saved, key)):
+            raise UserError(f"--{key.replace('_', '-')} {changed[key]} would shorten the run (it has "
+                            f"{getattr(saved, key) or 'no limit'}); on resume it can only be raised")
+    cfg = dataclasses.replace(saved, **changed)
+    notes = [f"--{k.replace('_', '-')} {v} (was {getattr(saved, k)})" for k, v in changed.items()]
+    if {"epochs", "max_steps"} & set(changed) and cfg.schedule == "onecycle":
+        notes.append("the onecycle schedule is stretched to the new end as if planned so from the start: "
+                     "the learning rate steps up from where it was")
+    check_config(cfg)
+    return cfg, ckpt, notes
 
 
-def check_config(cfg, parser):
-    """Every user mistake becomes an argparse error (exit 2) here, before any work starts."""
-    for key in ("epochs", "batch_size", "eval_batch_size", "log_every"):
-        if getattr(cfg, key) < 1:
-            parser.error(f"--{key.replace('_', '-')} must be at least 1, not {getattr(cfg, key)}")
+def check_config(cfg):
+    """Every mistake in the flags becomes a one-line UserError here, before any work starts."""
+    for key in ("epochs", "batch_size", "eval_batch_size", "log_every", "limit_train", "limit_test", "max_steps"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
+            raise UserError(f"--{key.replace('_', '-')} must be at least 1, not {getattr(cfg, key)}")
     if cfg.lr <= 0:
-        parser.error(f"--lr must be positive, not {cfg.lr}")
+        raise UserError(f"--lr must be positive, not {cfg.lr}")
     if not 0 <= cfg.dropout < 1 or not 0 <= cfg.label_smoothing < 1:
-        parser.error("--dropout and --label-smoothing must be in [0, 1)")
+        raise UserError("--dropout and --label-smoothing must be in [0, 1)")
     if not 0 < cfg.target_acc <= 1:
-        parser.error(f"--target-acc is a fraction in (0, 1], not {cfg.target_acc}")
+        raise UserError(f"--target-acc is a fraction in (0, 1], not {cfg.target_acc}")
     world = int(os.environ.get("WORLD_SIZE", 1))
     if cfg.batch_size % world:
-        parser.error(f"--batch-size {cfg.batch_size} does not split evenly over {world} ranks")
+        raise UserError(f"--batch-size {cfg.batch_size} does not split evenly over {world} ranks")
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but CUDA is not available; use --device cpu")
+        raise UserError("--device cuda but CUDA is not available; use --device cpu")
     if not cfg.smoke and not Path(cfg.data).exists():
-        parser.error(f"--data {cfg.data} does not exist; run `make data` (or `make data SRC=/path/to/copy`)")
+        raise UserError(f"--data {cfg.data} does not exist; run `make data` (or `make data SRC=/path/to/copy`)")
     run_dir = Path(cfg.runs) / cfg.name
     if not cfg.resume and (run_dir / "last.pt").exists():
-        parser.error(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --name")
+        raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --name")
+    existing = next(p for p in [run_dir, *run_dir.parents] if p.exists())  # made only when training starts
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write the run folder {run_dir} ({existing} is not a writable folder); "
+                        f"pick another --runs or --name")
+
+
+# --- data: each split loaded once ---------------------------------------------------------------
+
+def load_split(cfg, split, limit):
+    if cfg.smoke:
+        return synthetic_cifar(limit, split=split, seed=cfg.seed)
+    images, labels = load_cifar10(cfg.data, split, encoded=cfg.source == "encoded")
+    return subset(images, labels, limit, seed=cfg.seed) if limit else (images, labels)
+
+
+def grid_sample(images, labels, seed):
+    """One image of each class (pixels) and the class names: the rows of the augmentation grid."""
+    picks = one_per_class(labels, seed)
+    pixels = [decode_image(images[i]) if isinstance(images, list) else images[i] for i in picks]
+    return np.stack(pixels), [CLASSES[labels[i]] for i in picks]
+
+
+def make_loaders(cfg, env, train, test):
+    common = dict(device=env.device, seed=cfg.seed, shard_id=env.rank, num_shards=env.world, dtype=env.dtype)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=run_dir).close()
-    except OSError as e:
-        parser.error(f"cannot write the run folder {run_dir} ({e.strerror}); pick another --runs or --name")
+        return (make_loader(*train, batch_size=cfg.batch_size // env.world, train=True, augment=Augment(), **common),
+                make_loader(*test, batch_size=cfg.eval_batch_size, train=False, **common))
+    except ValueError as e:
+        raise UserError(f"{e}: lower --batch-size, or train on more images") from None
 
 
-# --- device, precision, compile: decided once, here ---------------------------------------------
+# --- model, optimizer, schedule and run state: fresh, or as saved -------------------------------
 
-@dataclass
-class Env:
-    device: torch.device
-    autocast: object  # a context manager factory: bf16 autocast on CUDA, nothing on CPU
-    rank: int = 0
-    world: int = 1
-    ddp: bool = False
-
-    @property
-    def master(self):
-        return self.rank == 0
-
-    @property
-    def name(self):
-        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+def fresh_state():
+    return {"epoch": 0, "step_in_epoch": 0, "step": 0, "best_acc": 0.0, "history": [], "train_s": 0.0,
+            "wall_s": 0.0, "target_epoch": None, "target_wall_s": None, "partial": None}
 
 
-def setup_env(cfg):
-    ddp = "RANK" in os.environ  # started by torchrun
-    cuda = cfg.device == "cuda" or (cfg.device in (None, "auto") and torch.cuda.is_available())
-    rank, world, local = 0, 1, 0
-    if ddp:
-        rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-        if cuda:
-            torch.cuda.set_device(local)  # before anything touches CUDA, or ranks pile onto GPU 0
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    device = torch.device(f"cuda:{local}" if cuda else "cpu")
-    if cuda:
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-
-    return Env(device=device, autocast=autocast, rank=rank, world=world, ddp=ddp)
+def restore(ckpt, model, optimizer, scheduler, env):
+    """Weights, optimizer moments, schedule position and RNG as saved; returns the run state."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])  # LambdaLR keeps our factor(): a longer run stretches it
+    torch.set_rng_state(ckpt["rng_cpu"])
+    if env.device.type == "cuda" and ckpt.get("rng_cuda") is not None:
+        torch.cuda.set_rng_state(ckpt["rng_cuda"], env.device)
+    return ckpt["state"]
 
 
-def compile_checked(model, x, env, mode):
-    """torch.compile, used only if it agrees with eager on `x` (max relative error 1e-2).
-
-    Inductor's max-autotune conv template has returned wrong results (PyTorch issue #173068).
-    """
-    compiled = torch.compile(model, mode=mode)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), env.autocast():
-        eager, out = model(x).float(), compiled(x).float()
-    model.train(was_training)
-    err = ((out - eager).abs().max() / eager.abs().max().clamp_min(1e-6)).item()  # sync: once, at start
-    if not err <= 1e-2:
-        print(f"warning: compiled model disagrees with eager (max relative error {err:.2e}); training eager")
-        return model
-    return compiled
-
-
-# --- one step, one evaluation -------------------------------------------------------------------
-
-def train_step(model, optimizer, x, y, *, label_smoothing=0.0, autocast=contextlib.nullcontext):
-    """Forward, backward, update. Returns (loss, correct) as device tensors: no host sync."""
-    with autocast():
-        logits = model(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach(), (logits.detach().argmax(1) == y).sum()
-
-
-@torch.no_grad()
-def evaluate(model, loader, env):
-    """(mean loss, accuracy, confusion matrix [true, predicted]) over all ranks' shards."""
-    model.eval()
-    loss_sum = torch.zeros((), device=env.device)
-    confusion = torch.zeros(100, dtype=torch.long, device=env.device)
-    for x, y in loader:
-        with env.autocast():
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-        confusion += torch.bincount(y * 10 + logits.argmax(1), minlength=100)
-    model.train()
-    if env.ddp:
-        dist.all_reduce(loss_sum)
-        dist.all_reduce(confusion)
-    confusion = confusion.view(10, 10).cpu()  # sync: once per evaluation
-    n = confusion.sum().item()
-    return loss_sum.item() / n, confusion.diag().sum().item() / n, confusion
-
-
-# --- checkpoints ------------------------------------------------------------------------------
-
-def save_atomic(obj, path):
-    """torch.save to a temporary name beside `path`, then rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_json_atomic(obj, path):
-    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, parser):
-    """weights_only=True: tensors and plain data only, no code runs. Bad files exit 2, one line."""
-    if not Path(path).exists():
-        parser.error(f"no checkpoint at {path}; --resume takes a run folder that holds last.pt")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        Config(**ckpt["config"])
-        return ckpt
-    except Exception as e:  # truncated zip, foreign pickle, another project's file: all one message
-        parser.error(f"cannot resume from {path}: corrupt or incompatible checkpoint ({str(e).splitlines()[0][:120]})")
-
-
-# --- pictures for TensorBoard -------------------------------------------------------------------
-
-def confusion_image(confusion, classes=CLASSES, cell=44):
-    """uint8 HWC heat map of a confusion matrix, rows = true class, row-normalised, with counts."""
-    from PIL import Image, ImageDraw
-
-    rates = confusion.double() / confusion.sum(1, keepdim=True).clamp_min(1)
-    label_w, n = 80, len(classes)
-    img = Image.new("RGB", (label_w + n * cell, label_w + n * cell), "white")
-    draw = ImageDraw.Draw(img)
-    for i in range(n):
-        draw.text((4, label_w + i * cell + cell // 3), classes[i][:10], fill="black")  # true class rows
-        draw.text((label_w + i * cell + 2, label_w - 14), classes[i][:6], fill="black")  # predicted columns
-        for j in range(n):
-            shade = int(255 * (1 - rates[i, j].item()))
-            box = (label_w + j * cell, label_w + i * cell, label_w + (j + 1) * cell - 1, label_w + (i + 1) * cell - 1)
-            draw.rectangle(box, fill=(shade, shade, 255))
-            draw.text((box[0] + 4, box[1] + cell // 3), str(int(confusion[i, j])), fill="white" if shade < 128 else "black")
-    draw.text((4, 4), "true (rows) vs predicted (columns)", fill="black")
-    return np.asarray(img)
-
-
-# --- data ---------------------------------------------------------------------------------------
-
-def smoke_data(split, seed=0):
-    """A tiny learnable set: each class its own colour, plus noise."""
-    rng = np.random.default_rng(seed + (split == "test"))
-    n = SMOKE_SIZES[split]
-    labels = np.arange(n) % 10
-    palette = np.random.default_rng(seed).integers(30, 225, (10, 3))
-    images = palette[labels][:, None, None, :] + rng.normal(0, 25, (n, 32, 32, 3))
-    return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int64)
-
-
-def loaders(cfg, env):
-    def load(split):
-        if cfg.smoke:
-            return smoke_data(split, cfg.seed)
-        return load_cifar10(cfg.data, split, encoded=cfg.source == "encoded")
-
-    common = dict(device=str(env.device), seed=cfg.seed, shard_id=env.rank, num_shards=env.world,
-                  dtype=torch.bfloat16 if env.device.type == "cuda" else torch.float32)
-    train = make_loader(*load("train"), batch_size=cfg.batch_size // env.world, train=True, augment=Augment(), **common)
-    test = make_loader(*load("test"), batch_size=cfg.eval_batch_size, train=False, **common)
-    return train, test
-
-
-def make_optimizer(cfg, model):
-    decay = [p for p in model.parameters() if p.ndim > 1]  # conv and linear weights
-    rest = [p for p in model.parameters() if p.ndim <= 1]  # BN and biases: decay only hurts them
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
-    return torch.optim.Adam(groups, lr=cfg.lr)
-
-
-def make_scheduler(cfg, optimizer, steps_per_epoch):
-    if cfg.schedule == "plateau":  # stepped once per epoch with the test loss
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=3)
-    total, warmup = cfg.epochs * steps_per_epoch, max(1, round(cfg.warmup_epochs * steps_per_epoch))
-
-    def factor(step):  # of the peak lr: 0.1 -> 1 over the warm-up, then linearly to 0 at the end
-        if step < warmup:
-            return 0.1 + 0.9 * step / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
-    except OSError:
-        return None
+def checkpoint(path, model, optimizer, scheduler, state, cfg, env):
+    save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "rng_cpu": torch.get_rng_state(),
+                     "rng_cuda": torch.cuda.get_rng_state(env.device) if env.device.type == "cuda" else None,
+                     "state": state, "config": dataclasses.asdict(cfg)}, path)
 
 
 # --- the run ------------------------------------------------------------------------------------
 
-class StopRequested:
-    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves, and exits 130/143."""
-
-    def __init__(self):
-        self.signum = None
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, self.handle)
-
-    def handle(self, signum, frame):
-        self.signum = signum
-
-    @property
-    def exit_code(self):
-        return 128 + self.signum
-
-
 def main(argv=None):
-    cfg, parser = parse_config(argv)
-    env = setup_env(cfg)
-    stop = StopRequested()
-    run_dir = Path(cfg.runs) / cfg.name
+    cfg, ckpt, notes = parse_config(argv)  # 1. configuration, and a resumed run's checkpoint, read once
+    if ckpt and run_complete(cfg, ckpt["state"]):
+        print(f"run already complete: {cfg.resume} ({ckpt['state']['epoch']}/{cfg.epochs} epochs, {ckpt['state']['step']} "
+              f"steps); raise --epochs (or --max-steps) to train further")
+        return 0
+    stop = StopSignal()  # Ctrl-C quits at once while loading; once armed, it stops after a step
+    env = setup_env(cfg)  # 2. device, precision, ranks
+    log = Logger(cfg, env) if env.master else NullLogger()
     torch.manual_seed(cfg.seed)
-    try:
-        train_loader, test_loader = loaders(cfg, env)
-    except (DataError, ValueError) as e:
-        parser.error(str(e))
-
-    model = build_model(dropout=cfg.dropout).to(env.device, memory_format=torch.channels_last)
+    train, test = load_split(cfg, "train", cfg.limit_train), load_split(cfg, "test", cfg.limit_test)  # 3. data
+    train_loader, test_loader = make_loaders(cfg, env, train, test)
+    steps_per_epoch, run_dir = len(train_loader), Path(cfg.runs) / cfg.name
+    model = build_model(dropout=cfg.dropout).to(env.device, memory_format=torch.channels_last)  # 4. model & co
     optimizer = make_optimizer(cfg, model)
-    steps_per_epoch = len(train_loader)
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
-    state = {"epoch": 0, "step_in_epoch": 0, "best_acc": 0.0, "history": [], "train_s": 0.0, "wall_s": 0.0,
-             "target_epoch": None, "target_wall_s": None}
-    if cfg.resume:
-        ckpt = load_checkpoint(run_dir / "last.pt", parser)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng_cpu"])
-        if env.device.type == "cuda" and ckpt.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng_cuda"], env.device)
-        state = ckpt["state"]
-        train_loader.load_state_dict(ckpt["loader"])
-    train_loader.set_epoch(state["epoch"], skip=state["step_in_epoch"])
-
-    if env.master:
-        print("config:", json.dumps(dataclasses.asdict(cfg)))
-        print(f"device: {env.name} x {env.world}, "
-              f"params {count_params(model):,}, {steps_per_epoch} steps/epoch of {cfg.batch_size}")
-    fast_model = model
-    if cfg.compile if cfg.compile is not None else env.device.type == "cuda":
-        x0, _ = next(iter(test_loader))
-        fast_model = compile_checked(model, x0, env, cfg.compile_mode)
+    state = restore(ckpt, model, optimizer, scheduler, env) if ckpt else fresh_state()
+    t0, fast_model, err = time.perf_counter(), model, None
+    if cfg.compile:
+        fast_model, err = compile_checked(model, next(iter(test_loader))[0], env, cfg.compile_mode)
+    compile_s = time.perf_counter() - t0
     train_model = torch.nn.parallel.DistributedDataParallel(fast_model) if env.ddp else fast_model
 
-    writer = None
-    if env.master:
-        from torch.utils.tensorboard import SummaryWriter
-
-        from pipelines.preview import augment_grid
-
-        writer = SummaryWriter(run_dir)
-        if not cfg.resume:
-            sample = smoke_data("test")[0][:6] if cfg.smoke else load_cifar10(cfg.data, "test")[0][:6]
-            writer.add_image("augmentations", augment_grid(sample, draws=6, zoom=3), dataformats="HWC")
-
-    def checkpoint(path, epoch, step_in_epoch):
-        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "rng_cpu": torch.get_rng_state(),
-                     "rng_cuda": torch.cuda.get_rng_state(env.device) if env.device.type == "cuda" else None,
-                     "loader": {"epoch": epoch, "seed": cfg.seed},
-                     "state": {**state, "epoch": epoch, "step_in_epoch": step_in_epoch},
-                     "config": dataclasses.asdict(cfg)}, path)
-
-    def summary(final_acc):
-        h = state["history"]
-        write_json_atomic({
-            "config": dataclasses.asdict(cfg), "commit": git_commit(),
-            "device": env.name,
-            "world_size": env.world, "torch": torch.__version__, "dali": dali_version(),
-            "params": count_params(model), "best_acc": state["best_acc"], "final_acc": final_acc,
-            "epochs_run": len(h), "wall_s": state["wall_s"], "train_s": state["train_s"],
-            "mean_train_img_per_s": float(np.mean([e["img_per_s"] for e in h])) if h else None,
-            "target_acc": cfg.target_acc, "epoch_to_target": state["target_epoch"],
-            "wall_s_to_target": state["target_wall_s"], "history": h,
-        }, run_dir / "summary.json")
-
-    from tqdm import tqdm
-
-    if env.master:
-        print(f"training {cfg.epochs - state['epoch']} epochs; run folder {run_dir}", flush=True)
-    final_acc = None
-    for epoch in range(state["epoch"], cfg.epochs):
-        wall0 = time.perf_counter()
-        sums = torch.zeros(2, device=env.device)  # loss * n, correct: summed on device, no sync
-        bad_step = torch.full((), -1, device=env.device)  # first step whose loss was not finite
-        first = state["step_in_epoch"]
-        bar = tqdm(train_loader, total=steps_per_epoch, initial=first, disable=not env.master, leave=False,
-                   desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", dynamic_ncols=True)
-        step, n = first, 0  # n: images this rank trained on (a host count: no transfer per step)
-        for step, (x, y) in enumerate(bar, start=first):
-            loss, correct = train_step(train_model, optimizer, x, y, label_smoothing=cfg.label_smoothing,
-                                       autocast=env.autocast)
-            if cfg.schedule == "onecycle":
-                scheduler.step()
-            sums += torch.stack([loss * len(y), correct.float()])
-            n += len(y)
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
-            if step % cfg.log_every == 0 or step == steps_per_epoch - 1 or stop.signum:
-                if bad_step.item() >= 0:  # sync: on log steps only
-                    return stop_nonfinite(env, epoch, bad_step.item(), run_dir)
-                s = sums.tolist()  # sync: on log steps only
-                bar.set_postfix(loss=f"{s[0] / n:.3f}", acc=f"{s[1] / n:.1%}",
-                                img_s=f"{n * env.world / max(bar.format_dict['elapsed'], 1e-9):,.0f}")
-            if stop.signum:
-                break
-        if env.device.type == "cuda":
-            torch.cuda.synchronize()  # the epoch's work is done before the clock stops
-        train_s = time.perf_counter() - wall0
-        if stop.signum:
+    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no folder
+    stop.arm()  # from here a stop saves where it is
+    log.start(run_dir, model, steps_per_epoch, state, notes, compile_s, err)
+    if not ckpt:
+        log.augmentations(*grid_sample(*test, cfg.seed))
+    total = total_steps(cfg, steps_per_epoch)
+    for epoch in range(state["epoch"], math.ceil(total / steps_per_epoch)):  # 5. the epochs
+        start = state["step_in_epoch"]
+        train_loader.set_epoch(epoch, skip=start)
+        try:
+            part = train_epoch(train_model, optimizer, train_loader, env, label_smoothing=cfg.label_smoothing,
+                               scheduler=scheduler if cfg.schedule == "onecycle" else None, log_every=cfg.log_every,
+                               start=start, stop_at=total - epoch * steps_per_epoch, stop=stop,
+                               log=lambda step, m: log.step(epoch, epoch * steps_per_epoch + step, m))
+        except NonFiniteLoss as e:
+            return log.error(f"non-finite loss at epoch {epoch + 1}, step {e.step + 1}; stopped. The last good "
+                             f"checkpoint is {run_dir / 'last.pt'} (try a lower --lr)")
+        add_part(state, part, start, epoch * steps_per_epoch)
+        if stop.requested and part["end"] < steps_per_epoch and state["step"] < total:  # mid-epoch: save it as it is
             if env.master:
-                checkpoint(run_dir / "last.pt", epoch, step + 1)
-                print(f"\nstopped by signal {stop.signum} at epoch {epoch + 1}, step {step + 1}; "
-                      f"continue with: python train.py --resume {run_dir}", file=sys.stderr)
-            return stop.exit_code
-        if env.ddp:
-            dist.all_reduce(sums)
-            for b in model.buffers():  # evaluate every rank with rank 0's BatchNorm statistics
-                dist.broadcast(b, 0)
-        n *= env.world  # equal shards: every rank trains on the same number of images
-        train_loss, train_acc = (sums / n).tolist()  # sync: once per epoch
-        test_loss, test_acc, confusion = evaluate(fast_model, test_loader, env)
-        if cfg.schedule == "plateau":
-            scheduler.step(test_loss)
-        state["train_s"] += train_s
-        state["wall_s"] += time.perf_counter() - wall0
-        state["step_in_epoch"] = 0
-        row = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "lr": optimizer.param_groups[0]["lr"],
-               "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss, "test_acc": test_acc,
-               "img_per_s": n / train_s,  # images this process trained on since the epoch (re)started
-               "epoch_s": time.perf_counter() - wall0}
-        state["history"].append(row)
-        if env.ddp:
-            assert_ranks_agree(model)
-        if test_acc >= cfg.target_acc and state["target_epoch"] is None:
-            state["target_epoch"], state["target_wall_s"] = epoch + 1, state["wall_s"]
-        final_acc = test_acc
-        if not env.master:
-            continue
-        improved = test_acc > state["best_acc"]
-        state["best_acc"] = max(state["best_acc"], test_acc)
-        checkpoint(run_dir / "last.pt", epoch + 1, 0)
-        if improved:
-            checkpoint(run_dir / "best.pt", epoch + 1, 0)
-        for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
-            writer.add_scalar(key.replace("_", "/", 1) if "_" in key else key, row[key], epoch + 1)
-        writer.add_scalar("throughput/train_img_per_s", row["img_per_s"], epoch + 1)
-        writer.add_scalar("time/epoch_s", row["epoch_s"], epoch + 1)
-        summary(final_acc)
-        tqdm.write(f"epoch {epoch + 1:3d}/{cfg.epochs} | train loss {train_loss:.3f} acc {train_acc:6.2%} | "
-                   f"test loss {test_loss:.3f} acc {test_acc:6.2%} | lr {row['lr']:.2e} | "
-                   f"{row['img_per_s']:8,.0f} img/s | {row['epoch_s']:5.1f} s")
-
-    if env.master and final_acc is not None:
-        for i, name in enumerate(CLASSES):
-            writer.add_scalar(f"test_class/{name}", (confusion[i, i] / confusion[i].sum().clamp_min(1)).item(), cfg.epochs)
-        writer.add_image("test/confusion_matrix", confusion_image(confusion), cfg.epochs, dataformats="HWC")
-        hparams = {k: v for k, v in dataclasses.asdict(cfg).items() if isinstance(v, (int, float, str, bool))}
-        writer.add_hparams(hparams, {"hparam/best_acc": state["best_acc"], "hparam/final_acc": final_acc}, run_name=".")
-        writer.close()
-        reached = (f"reached {cfg.target_acc:.0%} at epoch {state['target_epoch']} ({state['target_wall_s']:.1f} s)"
-                   if state["target_epoch"] else f"did not reach {cfg.target_acc:.0%}")
-        print(f"done: best test acc {state['best_acc']:.2%}, final {final_acc:.2%}, {reached}; {run_dir}/summary.json")
-    if env.ddp:
-        dist.destroy_process_group()
+                checkpoint(run_dir / "last.pt", model, optimizer, scheduler, state, cfg, env)
+            return log.stopped(stop, f"epoch {epoch + 1}, step {part['end']}")
+        row, confusion, improved = finish_epoch(cfg, env, fast_model, test_loader, scheduler, state, epoch)
+        if env.master:
+            checkpoint(run_dir / "last.pt", model, optimizer, scheduler, state, cfg, env)
+            if improved:
+                checkpoint(run_dir / "best.pt", model, optimizer, scheduler, state, cfg, env)
+        log.epoch(row, state)
+        if stop.requested and state["step"] < total:
+            return log.stopped(stop, f"the end of epoch {epoch + 1}")
+    log.finish(state, confusion)
     return 0
 
 
-def stop_nonfinite(env, epoch, step, run_dir):
-    if env.master:
-        print(f"error: non-finite loss at epoch {epoch + 1}, step {step + 1}; stopped. "
-              f"The last good checkpoint is {run_dir / 'last.pt'} (try a lower --lr)", file=sys.stderr)
-    return 1
+def run_complete(cfg, state):
+    return state["epoch"] >= cfg.epochs or state["step"] >= (cfg.max_steps or math.inf)
+
+
+def add_part(state, part, start, first_step):
+    """Add a (possibly partial) epoch's totals and time to the run state, which a checkpoint keeps."""
+    before = state["partial"] or {"loss_sum": 0.0, "correct": 0.0, "images": 0, "seconds": 0.0, "resumed_at_step": None}
+    state["partial"] = {**{k: before[k] + part[k] for k in ("loss_sum", "correct", "images", "seconds")},
+                        "resumed_at_step": before["resumed_at_step"] if before["resumed_at_step"] is not None
+                        else (start or None)}
+    state["step_in_epoch"], state["step"] = part["end"], first_step + part["end"]
+    state["train_s"] += part["seconds"]
+    state["wall_s"] += part["seconds"]  # time to accuracy counts every part of every epoch
+
+
+def finish_epoch(cfg, env, model, test_loader, scheduler, state, epoch):
+    """Reduce the epoch's totals over ranks, evaluate, step a per-epoch schedule: (row, confusion, improved)."""
+    p = state["partial"]
+    totals = torch.tensor([p["loss_sum"], p["correct"], p["images"]], dtype=torch.float64, device=env.device)
+    if env.ddp:
+        dist.all_reduce(totals)
+        for b in model.buffers():  # evaluate every rank with rank 0's BatchNorm statistics
+            dist.broadcast(b, 0)
+    loss_sum, correct, images = totals.tolist()  # sync: once per epoch
+    t_eval = time.perf_counter()
+    test_loss, test_acc, confusion = evaluate(model, test_loader, env)
+    if cfg.schedule == "plateau":
+        scheduler.step(test_loss)
+    eval_s = time.perf_counter() - t_eval
+    state["wall_s"] += eval_s
+    if env.ddp:
+        assert_ranks_agree(model)
+    row = {"epoch": epoch + 1, "step": state["step"], "lr": scheduler.optimizer.param_groups[0]["lr"],
+           "train_loss": loss_sum / images, "train_acc": correct / images, "test_loss": test_loss,
+           "test_acc": test_acc, "img_per_s": images / p["seconds"], "epoch_s": p["seconds"] + eval_s}
+    if p["resumed_at_step"] is not None:
+        row["resumed_at_step"] = p["resumed_at_step"]  # trained in two sessions; the totals cover the whole epoch
+    improved = test_acc > state["best_acc"]
+    if test_acc >= cfg.target_acc and state["target_epoch"] is None:
+        state["target_epoch"], state["target_wall_s"] = epoch + 1, state["wall_s"]
+    state["history"].append(row)
+    state["best_acc"] = max(state["best_acc"], test_acc)
+    state["epoch"], state["step_in_epoch"], state["partial"] = epoch + 1, 0, None
+    return row, confusion, improved
 
 
 def assert_ranks_agree(model):
@@ -519,11 +267,154 @@ def assert_ranks_agree(model):
     assert all(torch.equal(t, every[0]) for t in every), f"ranks disagree on the weights: {every}"
 
 
-def dali_version():
-    import nvidia.dali
+# --- what a person sees: console, progress bar, TensorBoard, summary.json (rank 0 only) ---------
 
-    return nvidia.dali.__version__
+class Logger:
+    """Everything a person sees, from rank 0: console lines, the progress bar, TensorBoard, summary.json."""
+
+    def __init__(self, cfg, env):
+        self.cfg, self.env = cfg, env
+        print("config:", json.dumps(dataclasses.asdict(cfg)))
+        print(f"loading {'generated --smoke data' if cfg.smoke else cfg.data} ...", flush=True)
+
+    def start(self, run_dir, model, steps_per_epoch, state, notes, compile_s, compile_err):
+        """Once data, model and compile are ready: the run folder's writer, the facts, the bar."""
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        cfg, env = self.cfg, self.env
+        self.run_dir, self.state = run_dir, state
+        compiled = cfg.compile and compile_err <= 1e-2
+        self.facts = {**run_facts(env), "params": count_params(model), "compiled": compiled,
+                      "compile_s": compile_s if cfg.compile else None}
+        self.total = total_steps(cfg, steps_per_epoch)
+        self.steps_per_epoch, self.logs = steps_per_epoch, 0
+        self.memory = train_memory_bytes(model, cfg.batch_size // env.world)
+        self.writer = SummaryWriter(run_dir, flush_secs=10)  # curves show up while the first epoch runs
+        print(f"device: {self.facts['device']} x {env.world}, params {self.facts['params']:,}, "
+              f"{steps_per_epoch} steps/epoch of {cfg.batch_size}, {self.total} steps in all"
+              + (f", compiled in {compile_s:.0f} s" if compiled else ""))
+        if cfg.compile and not compiled:  # Inductor's max-autotune conv template has disagreed with eager before
+            notes = notes + [f"compiled model disagrees with eager (max relative error {compile_err:.2e}); training eager"]
+        for note in notes + [warmup_steps(cfg, steps_per_epoch)[1]]:
+            if note:
+                print(f"note: {note}")
+        epochs = math.ceil(self.total / steps_per_epoch) - state["epoch"]
+        print(f"training {epochs} epochs, {self.total - state['step']} steps; run folder {run_dir}", flush=True)
+        self.bar = tqdm(total=self.total, initial=state["step"], unit="step", dynamic_ncols=True, leave=False)
+
+    def augmentations(self, images, names):
+        from pipelines.preview import augment_grid
+
+        self.writer.add_image("augmentations", augment_grid(images, names=names, draws=6, zoom=3), dataformats="HWC")
+
+    def step(self, epoch, step, m):
+        """At log steps: the bar, per-step TensorBoard scalars, and on CPU one notice of the cost."""
+        self.bar.set_description(f"epoch {epoch + 1}/{self.cfg.epochs}", refresh=False)
+        self.bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['acc']:.1%}", img_s=f"{m['img_per_s']:,.0f}", refresh=False)
+        self.bar.update(step + 1 - self.bar.n)
+        for key, value in m.items():
+            self.writer.add_scalar(f"step/{key}", value, step + 1)
+        self.logs += 1
+        if self.logs == 2 and self.env.device.type == "cpu":  # the 2nd log: past the first step's start-up
+            self.cost_notice(m["img_per_s"], step)
+
+    def cost_notice(self, img_per_s, step):
+        seconds = (self.total - step - 1) * self.cfg.batch_size / img_per_s
+        if seconds > 300:
+            self.bar.write(f"note: on CPU at {img_per_s:,.0f} img/s this run needs about {seconds / 3600:.1f} h more and "
+                           f"{self.memory / 1e9:.1f} GB of memory; for a short run try --limit-train 5000 --epochs 2 or "
+                           f"--max-steps 100, and for less memory a smaller --batch-size (scale --lr with it)")
+
+    def epoch(self, row, state):
+        for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
+            self.writer.add_scalar(key.replace("_", "/", 1), row[key], row["epoch"])
+        self.writer.add_scalar("throughput/train_img_per_s", row["img_per_s"], row["epoch"])
+        self.writer.add_scalar("time/epoch_s", row["epoch_s"], row["epoch"])
+        self.summary(state, complete=False)
+        self.bar.write(f"epoch {row['epoch']:3d}/{self.cfg.epochs} | train loss {row['train_loss']:.3f} "
+                       f"acc {row['train_acc']:6.2%} | test loss {row['test_loss']:.3f} acc {row['test_acc']:6.2%} | "
+                       f"lr {row['lr']:.2e} | {row['img_per_s']:8,.0f} img/s | {row['epoch_s']:5.1f} s"
+                       + (f" (resumed at step {row['resumed_at_step']})" if "resumed_at_step" in row else ""))
+
+    def summary(self, state, complete):
+        h = state["history"]
+        write_json({"config": dataclasses.asdict(self.cfg), **self.facts, "complete": complete,
+                    "best_acc": state["best_acc"], "final_acc": h[-1]["test_acc"] if h else None,
+                    "epochs_run": len(h), "steps": state["step"], "wall_s": state["wall_s"], "train_s": state["train_s"],
+                    "mean_train_img_per_s": float(np.mean([e["img_per_s"] for e in h])) if h else None,
+                    "target_acc": self.cfg.target_acc, "epoch_to_target": state["target_epoch"],
+                    "wall_s_to_target": state["target_wall_s"], "history": h}, self.run_dir / "summary.json")
+
+    def finish(self, state, confusion):
+        from pipelines.preview import confusion_image
+
+        self.bar.close()
+        final, last = state["history"][-1]["test_acc"], state["epoch"]
+        for i, name in enumerate(CLASSES):
+            self.writer.add_scalar(f"test_class/{name}", (confusion[i, i] / confusion[i].sum().clamp_min(1)).item(), last)
+        self.writer.add_image("test/confusion_matrix", confusion_image(confusion.numpy(), CLASSES), last,
+                              dataformats="HWC")
+        hparams = {k: "none" if v is None else v for k, v in dataclasses.asdict(self.cfg).items()}
+        self.writer.add_hparams({**hparams, "compiled": self.facts["compiled"]},
+                                {"hparam/best_acc": state["best_acc"], "hparam/final_acc": final}, run_name=".")
+        self.writer.close()
+        self.summary(state, complete=True)
+        reached = (f"reached {self.cfg.target_acc:.0%} at epoch {state['target_epoch']} ({state['target_wall_s']:.1f} s)"
+                   if state["target_epoch"] else f"did not reach {self.cfg.target_acc:.0%}")
+        print(f"done: best test acc {state['best_acc']:.2%}, final {final:.2%}, {reached}; {self.run_dir}/summary.json")
+
+    def stopped(self, stop, where):
+        self.bar.close()
+        self.writer.close()
+        self.summary(self.state, complete=False)
+        print(f"stopped at {where}, saved; continue with: python train.py --resume {self.run_dir}", file=sys.stderr)
+        return stop.exit_code
+
+    def error(self, message):
+        self.bar.close()
+        self.writer.close()
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+
+
+class NullLogger:
+    """Ranks other than 0 log nothing: every Logger method, doing nothing (and the same exit codes)."""
+
+    def stopped(self, stop, where):
+        return stop.exit_code
+
+    def error(self, message):
+        return 1
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def exit_rank(code):
+    """Leave a torchrun rank without tearing the interpreter down.
+
+    A finished rank could abort (SIGABRT, "terminate called without an active exception") after
+    its last line of Python, in about 1 of 14 two-rank CPU runs under load: a native thread of
+    gloo or DALI reached for the GIL while the interpreter was being finalized. So: free what
+    reference cycles still hold while Python is alive, close the process group, flush, and exit
+    without finalizing. Everything the run writes is already closed and renamed by now.
+    """
+    gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    except (UserError, DataError) as e:  # the user's to fix: one line, no traceback, exit 2
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        code = 2
+    if "RANK" in os.environ:
+        exit_rank(code)
+    sys.exit(code)

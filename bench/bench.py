@@ -4,7 +4,8 @@
    the same three augmentations, and the original design's Albumentations loader;
 2. the model's train step alone on device-resident batches (eager fp32 NCHW / channels_last,
    eager bf16 channels_last, compiled bf16 channels_last) and inference;
-3. end to end: pipeline + train step as train.py runs them, and its ratio to (2);
+3. end to end: `net.engine.train_epoch`, the very loop train.py runs (recipe optimizer and
+   schedule, on-device metrics, log-step syncs), over the DALI loader, and its ratio to (2);
 4. the limit: FLOPs and minimum bytes per training image against the device's measured
    matmul rate and copy bandwidth;
 5. accuracy beside speed, from a training run's summary.json.
@@ -28,9 +29,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import train
 from net import build_model, count_macs
-from pipelines import CIFAR10_MEAN, CIFAR10_STD, Augment, DataError, load_cifar10, make_loader
+from net.engine import (Config, Env, UserError, compile_checked, make_optimizer, make_scheduler, resolve, run_facts,
+                        train_epoch, train_step, write_atomic, write_json)
+from net.model import activation_elements
+from pipelines import MEAN, STD, Augment, DataError, load_cifar10, make_loader, synthetic_cifar
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,22 +64,22 @@ def endless(loader):
 
 # --- data -----------------------------------------------------------------------------------
 
-def bench_data(path, n_encoded):
+def bench_data(path, n_encoded, n_synthetic):
     """(raw images, labels, encoded images, description): the real set if there, else synthetic."""
+    if not Path(path).exists():
+        images, labels = synthetic_cifar(n_synthetic)
+        return images, labels, jpeg_encode(images[:n_encoded]), \
+            f"synthetic_cifar({n_synthetic}), no CIFAR-10 at {path} (encoded: {n_encoded} of them as JPEG q75)"
     try:
         blobs, labels = load_cifar10(path, "train", encoded=True)
         images, _ = load_cifar10(path, "train")
         return images, labels, blobs, f"CIFAR-10 train split from {path}"
-    except DataError:
-        pass
-    try:
-        images, labels = load_cifar10(path, "train")
-        what = f"CIFAR-10 train split from {path} (encoded: its first {n_encoded} images as JPEG q75)"
-    except DataError:
-        rng = np.random.default_rng(0)
-        images, labels = rng.integers(0, 256, (50_000, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 50_000)
-        what = f"synthetic uint8 noise, no CIFAR-10 at {path} (encoded: {n_encoded} of them as JPEG q75)"
-    return images, labels, jpeg_encode(images[:n_encoded]), what
+    except DataError as e:
+        if "not encoded images" not in str(e):
+            raise  # a broken copy is the user's to fix, not a reason to bench something else
+    images, labels = load_cifar10(path, "train")
+    return images, labels, jpeg_encode(images[:n_encoded]), \
+        f"CIFAR-10 train split from {path} (encoded: its first {n_encoded} images as JPEG q75)"
 
 
 def jpeg_encode(images, quality=75):
@@ -104,7 +107,7 @@ def bench_dali(images, labels, device, batch, timing):
 def torch_gpu_augment(x, aug, gen):
     """The same three augmentations in plain torch on a GPU-resident uint8 batch (B, 32, 32, 3)."""
     b, dev = len(x), x.device
-    mean, std = (torch.tensor(v, device=dev).view(1, 3, 1, 1) for v in (CIFAR10_MEAN, CIFAR10_STD))
+    mean, std = (torch.tensor(v, device=dev).view(1, 3, 1, 1) for v in (MEAN, STD))
     x = (x.permute(0, 3, 1, 2).float() - mean) / std
     u = torch.rand(b, 9, device=dev, generator=gen)  # per image: 3 coins and 6 uniforms
     x = torch.where((u[:, 0] < aug.flip_p).view(-1, 1, 1, 1), x.flip(3), x)
@@ -152,8 +155,8 @@ class AlbumentationsSet(torch.utils.data.Dataset):
             A.HorizontalFlip(p=0.5),
             A.ShiftScaleRotate(shift_limit=0.0625, scale_limit=0.1, rotate_limit=15, p=0.5),
             A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(16, 16), hole_width_range=(16, 16),
-                            fill=tuple(int(round(m)) for m in CIFAR10_MEAN), p=0.5),
-            A.Normalize(mean=[m / 255 for m in CIFAR10_MEAN], std=[s / 255 for s in CIFAR10_STD]),
+                            fill=tuple(int(round(m)) for m in MEAN), p=0.5),
+            A.Normalize(mean=[m / 255 for m in MEAN], std=[s / 255 for s in STD]),
         ])
 
     def __len__(self):
@@ -184,14 +187,20 @@ def model_variants(device):
     return [("eager fp32 NCHW", torch.float32, False, False), ("eager fp32 channels_last", torch.float32, True, False)]
 
 
-def prepare_model(device, dtype, channels_last, compiled):
-    env = train.Env(device=torch.device(device), autocast=(lambda: torch.autocast("cuda", dtype=torch.bfloat16))
-                    if dtype == torch.bfloat16 else contextlib.nullcontext)
-    model = build_model().to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    if compiled:
-        x = torch.randn(64, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
-        model = train.compile_checked(model, x, env, "default")
-    return model, env
+def prepare_model(cfg, name, dtype, channels_last, compiled):
+    """(model, the recipe's optimizer, Env, name) for one variant; the name says if compile fell back."""
+    bf16 = dtype == torch.bfloat16
+    env = Env(device=torch.device(cfg.device), dtype=dtype,
+              autocast=(lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext)
+    model = build_model(dropout=cfg.dropout).to(cfg.device, memory_format=torch.channels_last if channels_last
+                                                else torch.contiguous_format)
+    if compiled:  # as train.py compiles: checked against eager on an eval-sized batch
+        x = torch.randn(cfg.eval_batch_size, 3, 32, 32, device=cfg.device).to(memory_format=torch.channels_last)
+        compiled_model, err = compile_checked(model, x, env, cfg.compile_mode)
+        if compiled_model is model:
+            name += f" (compile disagreed with eager, error {err:.1e}: eager figure)"
+        model = compiled_model
+    return model, make_optimizer(cfg, model), env, name
 
 
 def synthetic_batches(device, batch, channels_last, k=4):
@@ -201,20 +210,19 @@ def synthetic_batches(device, batch, channels_last, k=4):
              torch.randint(0, 10, (batch,), device=device)) for _ in range(k)]
 
 
-def bench_model(device, batch, timing):
+def bench_model(cfg, timing):
     results = {}
-    for name, dtype, channels_last, compiled in model_variants(device):
-        model, env = prepare_model(device, dtype, channels_last, compiled)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-        batches, i = synthetic_batches(device, batch, channels_last), [0]
+    for name, dtype, channels_last, compiled in model_variants(cfg.device):
+        model, optimizer, env, name = prepare_model(cfg, name, dtype, channels_last, compiled)
+        batches, i = synthetic_batches(cfg.device, cfg.batch_size, channels_last), [0]
 
         def step():
             x, y = batches[i[0] % len(batches)]
             i[0] += 1
-            train.train_step(model, optimizer, x, y, label_smoothing=0.1, autocast=env.autocast)
+            train_step(model, optimizer, x, y, label_smoothing=cfg.label_smoothing, autocast=env.autocast)
 
-        results[f"train, {name}"] = measure(step, images_per_step=batch, **timing)
-    results[f"inference, {name}"] = bench_inference(model.eval(), env, batches, batch, timing)  # train.py's variant
+        results[f"train, {name}"] = measure(step, images_per_step=cfg.batch_size, **timing)
+    results[f"inference, {name}"] = bench_inference(model.eval(), env, batches, cfg.batch_size, timing)  # train.py's variant
     return results
 
 
@@ -231,41 +239,27 @@ def bench_inference(model, env, batches, batch, timing):
     return measure(infer, images_per_step=batch, **timing)
 
 
-def bench_end_to_end(images, labels, device, batch, timing):
-    """As train.py runs: the DALI raw loader feeding the train step of train.py's model variant."""
-    name, dtype, channels_last, compiled = model_variants(device)[-1]
-    model, env = prepare_model(device, dtype, channels_last, compiled)
+def bench_end_to_end(cfg, images, labels, timing):
+    """train.py's epoch, timed whole: `train_epoch` over the DALI raw loader, recipe optimizer and schedule.
+
+    One timed repeat is one epoch of `images` (a new DALI pipeline each, as in training).
+    """
+    model, optimizer, env, name = prepare_model(cfg, *model_variants(cfg.device)[-1])
     model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    loader = make_loader(images, labels, batch_size=batch, train=True, augment=Augment(), device=device,
-                         dtype=torch.bfloat16 if device == "cuda" else torch.float32)
-    it = endless(loader)
+    loader = make_loader(images, labels, batch_size=cfg.batch_size, train=True, augment=Augment(), device=cfg.device,
+                         dtype=env.dtype)
+    scheduler = make_scheduler(cfg, optimizer, len(loader))
 
-    def step():
-        x, y = next(it)
-        train.train_step(model, optimizer, x, y, label_smoothing=0.1, autocast=env.autocast)
+    def epoch():
+        train_epoch(model, optimizer, loader, env, scheduler=scheduler if cfg.schedule == "onecycle" else None,
+                    label_smoothing=cfg.label_smoothing, log_every=cfg.log_every)
 
-    return measure(step, images_per_step=batch, **timing), name
+    result = measure(epoch, images_per_step=len(loader) * cfg.batch_size, steps=1, repeats=timing["repeats"],
+                     warmup=1, sync=timing["sync"])
+    return {**result, "batch": cfg.batch_size, "images_per_epoch": len(loader) * cfg.batch_size}, name
 
 
 # --- 4. the limit ---------------------------------------------------------------------------
-
-def activation_elements(model):
-    """Elements of every conv output per 32x32 image: the maps a training step must save."""
-    total = 0
-
-    def hook(m, i, out):
-        nonlocal total
-        total += out.numel()
-
-    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    handles = [m.register_forward_hook(hook) for m in convs]
-    with torch.no_grad():
-        model.eval()(torch.zeros(1, 3, 32, 32))
-    for h in handles:
-        h.remove()
-    return total
-
 
 def bench_limit(device, dtype_bytes, sync, quick):
     n = 2048 if quick or device == "cpu" else 8192
@@ -313,13 +307,14 @@ def table(results):
         for what, r in results[stage].items():
             rows.append((stage, what, f"{r['img_per_s']:,.0f}", f"{r['min']:,.0f} - {r['max']:,.0f}", str(r["batch"])))
     e = results["end_to_end"]
-    rows.append(("end to end", f"DALI raw + train step ({e['model']})", f"{e['img_per_s']:,.0f}",
+    rows.append(("end to end", f"train_epoch on DALI raw ({e['model']})", f"{e['img_per_s']:,.0f}",
                  f"{e['min']:,.0f} - {e['max']:,.0f}", str(e["batch"])))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     lim = results["limit"]
-    lines += ["", f"- end to end / model alone: **{e['ratio_to_model']:.2f}** (the pipeline's cost)",
+    lines += ["", f"- end to end / model alone: **{e['ratio_to_model']:.2f}** (the pipeline's and the loop's cost; "
+              f"epochs of {e['images_per_epoch']:,} images, recipe `{results['recipe']}`)",
               f"- limit: {lim['train_flops_per_image'] / 1e6:,.0f} MFLOP and {lim['train_bytes_per_image'] / 1e6:,.1f} MB "
               f"per training image; measured {lim['matmul_tflops']:,.2f} TFLOP/s matmul and "
               f"{lim['copy_gb_per_s']:,.1f} GB/s copy -> floor {lim['floor_img_per_s']:,.0f} img/s "
@@ -346,31 +341,48 @@ def main(argv=None):
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer, smaller steps: a CPU run in under two minutes")
     parser.add_argument("--data", default="data", help="CIFAR-10 for the pipeline figures (default: data; synthetic if absent)")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 512 on cuda, 32 on cpu")
+    parser.add_argument("--batch-size", type=int, default=None, help="train batch (default: 512 on cuda, 32 on cpu)")
     parser.add_argument("--train", action="store_true", help="run train.py (default recipe) first, for the accuracy row")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for the .json and .md results")
-    parser.add_argument("--tensorboard", default=str(ROOT / "runs" / "bench"), help="parent folder of the TensorBoard scalars")
+    parser.add_argument("--tensorboard", default=str(ROOT / "bench" / "tensorboard"),
+                        help="parent folder of the TensorBoard scalars (kept apart from training runs)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available; use --device cpu")
-    cpu = args.device == "cpu"
-    batch = args.batch_size or (32 if cpu else 512)
-    if batch < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    try:
+        return run(args)
+    except (UserError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args):
+    cpu = args.device == "cpu"
+    # The default recipe, as train.py resolves it on this device, at the bench's batch size.
+    cfg = resolve(Config(device=args.device, batch_size=args.batch_size or (32 if cpu else 512)))
     timing = dict(repeats=5, warmup=(1 if args.quick else 2) if cpu else 10,
                   steps=(1 if args.quick else 3) if cpu else (10 if args.quick else 50),
                   sync=torch.cuda.synchronize if not cpu else (lambda: None))
     pipe_batch = 256 if cpu else 1024  # pipelines alone: their own good batch; DALI's fixed cost is per batch
     pipe_timing = {**timing, "steps": 4 if args.quick else 20, "warmup": 4}
 
-    images, labels, blobs, what = bench_data(args.data, n_encoded=2048 if args.quick else 20_000)
+    images, labels, blobs, what = bench_data(args.data, n_encoded=2048 if args.quick else 20_000,
+                                             n_synthetic=8192 if args.quick else 50_000)
+    need = max(pipe_batch, cfg.batch_size)
+    if len(labels) < need or len(blobs) < pipe_batch:
+        raise UserError(f"{args.data}: {min(len(labels), len(blobs))} train images, fewer than the {need} of one "
+                        f"batch; bench a full copy of CIFAR-10 (or a missing --data path, for synthetic images)")
+    # End to end on CPU: a few steps' worth of images per epoch (a whole one takes 20 minutes there).
+    e2e_images = len(labels) if not cpu and not args.quick else cfg.batch_size * timing["steps"]
     print(f"bench on {args.device}: {what}", flush=True)
-    results = {"device": torch.cuda.get_device_name() if not cpu else f"cpu ({os.cpu_count()} cores)",
-               "torch": torch.__version__, "dali": train.dali_version(), "commit": train.git_commit(),
-               "date": datetime.date.today().isoformat(), "quick": args.quick, "data": what,
-               "pipeline": {}, "model": {}, "skipped": {}}
-    devices = ["cpu"] if cpu else ["cuda", "cpu"]
-    for dev in devices:
+    facts = run_facts(Env(device=torch.device(args.device)))
+    if cpu:
+        facts["device"] = f"cpu ({os.cpu_count()} cores)"
+    results = {**facts, "date": datetime.date.today().isoformat(), "quick": args.quick, "data": what,
+               "recipe": cfg.recipe, "pipeline": {}, "model": {}, "skipped": {}}
+    for dev in ["cpu"] if cpu else ["cuda", "cpu"]:
         print(f"pipelines on {dev} ...", flush=True)
         results["pipeline"][f"DALI raw, {dev}"] = bench_dali(images, labels, dev, pipe_batch, pipe_timing)
         results["pipeline"][f"DALI encoded (decode), {dev}"] = bench_dali(blobs, labels[:len(blobs)], dev, pipe_batch, pipe_timing)
@@ -385,9 +397,9 @@ def main(argv=None):
         results["skipped"]["Albumentations loader"] = "not installed (pip install -e '.[baseline]')"
 
     print("model ...", flush=True)
-    results["model"] = bench_model(args.device, batch, timing)
+    results["model"] = bench_model(cfg, timing)
     print("end to end ...", flush=True)
-    e2e, model_name = bench_end_to_end(images, labels, args.device, batch, timing)
+    e2e, model_name = bench_end_to_end(cfg, images[:e2e_images], labels[:e2e_images], timing)
     best_model = max(r["img_per_s"] for k, r in results["model"].items() if k.startswith("train"))
     results["limit"] = bench_limit(args.device, 2 if not cpu else 4, timing["sync"], args.quick)
     results["end_to_end"] = {**e2e, "model": model_name, "ratio_to_model": e2e["img_per_s"] / best_model,
@@ -399,8 +411,8 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{results['date']}-{args.device}{'-quick' if args.quick else ''}"
-    train.write_json_atomic(results, stem.with_suffix(".json"))
-    stem.with_suffix(".md").write_text(report + "\n")
+    write_json(results, stem.with_suffix(".json"))
+    write_atomic(stem.with_suffix(".md"), lambda tmp: Path(tmp).write_text(report + "\n"))
     write_tensorboard(results, Path(args.tensorboard) / stem.name)
     print(f"\nwrote {stem}.json, {stem}.md and TensorBoard scalars in {Path(args.tensorboard) / stem.name}")
     return 0

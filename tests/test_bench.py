@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from bench.bench import measure, torch_gpu_augment
-from pipelines import CIFAR10_MEAN, CIFAR10_STD, Augment
+from pipelines import MEAN, STD, Augment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,6 +40,13 @@ def test_quick_cpu_bench_writes_every_figure(tmp_path):
     assert list((tmp_path / "tb").iterdir())  # TensorBoard scalars
 
 
+def test_data_smaller_than_a_batch_is_one_line(image_tree, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--device", "cpu", "--data", str(image_tree),
+                        "--out", str(tmp_path / "results")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr[-3000:]
+    assert "fewer than the 256 of one batch" in r.stderr and not (tmp_path / "results").exists()
+
+
 def test_measure_reports_median_and_spread():
     calls = []
     r = measure(lambda: calls.append(1), images_per_step=10, steps=3, repeats=5, warmup=2, sync=lambda: None)
@@ -51,7 +58,7 @@ def test_plain_torch_augmenter_matches_the_recipe():
     """The GPU comparison augmenter, checked on CPU: same normalization, flip and cutout."""
     x = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8)
     gen = torch.Generator().manual_seed(0)
-    ref = (x.permute(0, 3, 1, 2).float() - torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)) / torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    ref = (x.permute(0, 3, 1, 2).float() - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     none = torch_gpu_augment(x, Augment(flip_p=0, ssr_p=0, cutout_p=0), gen).float()
     torch.testing.assert_close(none, ref, atol=0.02, rtol=0.01)  # bf16 output
     flipped = torch_gpu_augment(x, Augment(flip_p=1, ssr_p=0, cutout_p=0), gen).float()

@@ -1,33 +1,64 @@
-"""train.py end to end on CPU, on the tiny generated `--smoke` dataset (~40 img/s here)."""
+"""train.py as a user runs it: a subprocess on CPU, on the tiny generated `--smoke` dataset."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
-import train
 from net import build_model
+from net.engine import Config
 
 ROOT = Path(__file__).resolve().parents[1]
-LEARN = ["--smoke", "--epochs", "3", "--warmup-epochs", "0.5"]
+LEARN = ["--smoke", "--epochs", "3", "--warmup-epochs", "0.5"]  # 16 steps of 16 images an epoch
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+TINY = ["--smoke", "--limit-train", "64"]  # 4 steps of 16 an epoch: for what needs steps, not learning
+
+
+def train(*args, timeout=600):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, env=ENV, timeout=timeout)
+
+
+def start(*args):
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
+
+
+def wait_for(stream, text):
+    """Read `stream` until a line containing `text` (tqdm redraws with \\r, so lines can be long)."""
+    for line in stream:
+        if text in line:
+            return line
+    pytest.fail(f"never printed {text!r}")
 
 
 def summary(run_dir):
     return json.loads((Path(run_dir) / "summary.json").read_text())
 
 
+def checkpoint_state(run_dir):
+    return torch.load(Path(run_dir) / "last.pt", weights_only=True)["state"]
+
+
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory):
     """One uninterrupted 3-epoch run, shared by the tests that read its outputs."""
     runs = tmp_path_factory.mktemp("runs")
-    assert train.main(LEARN + ["--runs", str(runs), "--name", "learn"]) == 0
+    r = train(*LEARN, "--runs", runs, "--name", "learn")
+    assert r.returncode == 0, r.stderr[-3000:]
     return runs / "learn"
 
+
+# --- a run and what it leaves -------------------------------------------------------------------
 
 def test_loss_falls_and_accuracy_rises(learned):
     h = summary(learned)["history"]
@@ -39,114 +70,267 @@ def test_loss_falls_and_accuracy_rises(learned):
 def test_summary_has_every_field(learned):
     s = summary(learned)
     for key in ("config", "device", "torch", "dali", "params", "best_acc", "final_acc", "epochs_run", "wall_s",
-                "mean_train_img_per_s", "target_acc", "epoch_to_target", "wall_s_to_target", "history", "commit"):
+                "mean_train_img_per_s", "target_acc", "epoch_to_target", "wall_s_to_target", "history", "commit",
+                "compiled", "compile_s", "complete", "steps"):
         assert key in s, key
-    assert s["epochs_run"] == 3 and s["params"] == 133_322 and s["device"] == "cpu"
+    assert s["epochs_run"] == 3 and s["steps"] == 48 and s["params"] == 133_322 and s["device"] == "cpu"
+    assert s["complete"] and s["compiled"] is False and s["compile_s"] is None
     assert s["best_acc"] >= s["final_acc"] > 0 and s["mean_train_img_per_s"] > 0
-    assert s["config"]["recipe"] == "fast" and s["config"]["epochs"] == 3
+    assert s["config"]["recipe"] == "fast" and s["config"]["epochs"] == 3 and s["config"]["device"] == "cpu"
 
 
 def test_target_accuracy_is_timed(tmp_path):
-    assert train.main(LEARN[:1] + ["--runs", str(tmp_path), "--name", "t", "--target-acc", "0.01"]) == 0
+    assert train(*TINY, "--runs", tmp_path, "--name", "t", "--target-acc", "0.01").returncode == 0
     s = summary(tmp_path / "t")
     assert s["epoch_to_target"] == 1 and 0 < s["wall_s_to_target"] <= s["wall_s"]
 
 
-def test_tensorboard_holds_the_curves_and_pictures(learned):
-    events = EventAccumulator(str(learned), size_guidance={"images": 0, "scalars": 0})
+def test_tensorboard_has_step_curves_epoch_curves_and_pictures(learned):
+    events = EventAccumulator(str(learned), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     events.Reload()
     scalars = set(events.Tags()["scalars"])
-    for tag in ("train/loss", "train/acc", "test/loss", "test/acc", "lr", "throughput/train_img_per_s",
-                "time/epoch_s", "test_class/airplane", "test_class/truck"):
+    for tag in ("step/loss", "step/acc", "step/lr", "step/img_per_s", "train/loss", "train/acc", "test/loss",
+                "test/acc", "lr", "throughput/train_img_per_s", "time/epoch_s", "test_class/airplane", "test_class/truck"):
         assert tag in scalars, tag
+    assert [e.step for e in events.Scalars("step/loss")] == list(range(1, 49))  # log_every is 1 on CPU
     assert [e.step for e in events.Scalars("test/acc")] == [1, 2, 3]
-    assert {"augmentations", "test/confusion_matrix"} <= set(events.Tags()["images"])
-    hparams = [f for f in learned.iterdir() if f.name.startswith("events")]
-    assert any(b"hparams" in f.read_bytes() for f in hparams)
+    images = {tag: events.Images(tag)[-1] for tag in events.Tags()["images"]}
+    assert images["test/confusion_matrix"].width >= 600  # readable at TensorBoard's card size
+    assert images["augmentations"].height > 10 * 3 * 32  # a row per class
+
+
+def test_hparams_record_what_ran(learned):
+    events = EventAccumulator(str(learned))
+    events.Reload()
+    for raw in events.PluginTagToContent("hparams").values():
+        data = plugin_data_pb2.HParamsPluginData.FromString(raw)
+        if data.HasField("session_start_info"):
+            hp = data.session_start_info.hparams
+            assert hp["device"].string_value == "cpu"  # resolved, not the unset default
+            assert hp["compile"].bool_value is False and hp["batch_size"].number_value == 16
+            return
+    pytest.fail("no hparams session in the events")
 
 
 def test_checkpoints_load_weights_only(learned):
     for name in ("last.pt", "best.pt"):
         ckpt = torch.load(learned / name, weights_only=True)
         build_model().load_state_dict(ckpt["model"])
-        assert {"optimizer", "scheduler", "rng_cpu", "loader", "state", "config"} <= set(ckpt)
-    assert torch.load(learned / "last.pt", weights_only=True)["state"]["epoch"] == 3
+        assert {"optimizer", "scheduler", "rng_cpu", "state", "config"} <= set(ckpt)
+    assert checkpoint_state(learned)["epoch"] == 3
 
 
-# --- interruption and resume --------------------------------------------------------------------
-
-def start(*args):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-
-
-def wait_for(proc, prefix):
-    for line in proc.stdout:
-        if line.startswith(prefix):
-            return
-    pytest.fail(f"never printed {prefix!r}: {proc.stderr.read()}")
+def test_max_steps_ends_the_run_and_the_schedule(tmp_path):
+    r = train(*TINY, "--epochs", "5", "--max-steps", "6", "--runs", tmp_path, "--name", "m")
+    assert r.returncode == 0, r.stderr[-3000:]
+    h = summary(tmp_path / "m")["history"]
+    assert [(e["epoch"], e["step"]) for e in h] == [(1, 4), (2, 6)] and h[-1]["lr"] == 0  # decayed to 0 at step 6
+    assert "warm-up (8 steps) would fill most of this 6-step run" in r.stdout  # said, not silent
 
 
-def test_interrupted_run_resumes_on_the_same_schedule(learned, tmp_path):
-    proc = start(*LEARN, "--runs", str(tmp_path), "--name", "cut")
-    wait_for(proc, "epoch   1/3")  # interrupt during epoch 2
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert f"--resume {tmp_path / 'cut'}" in err
-    assert train.main(["--resume", str(tmp_path / "cut")]) == 0
-    schedule = [(h["epoch"], h["step"], h["lr"]) for h in summary(tmp_path / "cut")["history"]]
-    assert schedule == [(h["epoch"], h["step"], h["lr"]) for h in summary(learned)["history"]]
-    assert summary(tmp_path / "cut")["epochs_run"] == 3
+def test_limit_train_and_limit_test_sample_the_data(tmp_path):
+    r = train("--smoke", "--limit-train", "64", "--limit-test", "32", "--runs", tmp_path, "--name", "l")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert summary(tmp_path / "l")["steps"] == 64 // 16 and "4 steps/epoch" in r.stdout
 
 
-def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
-    proc = start("--smoke", "--epochs", "2", "--runs", str(tmp_path), "--name", "term")
-    wait_for(proc, "training ")
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
-    ckpt = torch.load(tmp_path / "term" / "last.pt", weights_only=True)
-    assert ckpt["state"]["epoch"] == 0 and ckpt["state"]["step_in_epoch"] >= 1
-    build_model().load_state_dict(ckpt["model"])
+def test_cpu_run_that_takes_long_says_so_with_a_shorter_recipe(tmp_path):
+    proc = start("--smoke", "--epochs", "300", "--runs", tmp_path, "--name", "long")
+    try:
+        line = wait_for(proc.stdout, "note: on CPU")
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert "h more and" in line and "GB of memory" in line and "--limit-train" in line and "--max-steps" in line
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    def poisoned_model(**kwargs):
-        """Returns NaN logits from the 3rd training step of epoch 2 (16 steps per epoch)."""
-        model = build_model(**kwargs)
-        forward, steps = model.forward, []
-
-        def nan_forward(x):
-            steps.append(model.training)
-            out = forward(x)
-            return out * float("nan") if sum(steps) == 16 + 3 and model.training else out
-
-        model.forward = nan_forward
-        return model
-
-    monkeypatch.setattr(train, "build_model", poisoned_model)
-    assert train.main(["--smoke", "--epochs", "2", "--log-every", "1", "--runs", str(tmp_path), "--name", "nan"]) == 1
-    assert "non-finite loss at epoch 2, step 3" in capsys.readouterr().err
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    """train.py run with a model that returns NaN from the 3rd training step of epoch 2."""
+    poison = textwrap.dedent(f"""
+        import runpy, sys, net
+        build = net.build_model
+        def poisoned(**kwargs):
+            model, steps = build(**kwargs), []
+            forward = model.forward
+            def nan_forward(x):
+                steps.append(model.training)
+                out = forward(x)
+                return out * float("nan") if model.training and sum(steps) >= 4 + 3 else out
+            model.forward = nan_forward
+            return model
+        net.build_model = poisoned
+        sys.argv = ["train.py", *{TINY!r}, "--epochs", "2", "--runs", {str(tmp_path)!r}, "--name", "nan"]
+        runpy.run_path({str(ROOT / "train.py")!r}, run_name="__main__")
+    """)
+    r = subprocess.run([sys.executable, "-c", poison], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)
+    assert r.returncode == 1 and "non-finite loss at epoch 2, step 3" in r.stderr, r.stderr[-3000:]
     ckpt = torch.load(tmp_path / "nan" / "last.pt", weights_only=True)
     assert ckpt["state"]["epoch"] == 1  # epoch 1's checkpoint, untouched
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+# --- Ctrl-C, SIGTERM and resume -------------------------------------------------------------------
+
+def test_interrupted_run_resumes_on_the_same_schedule_and_counts_all_time(learned, tmp_path):
+    proc = start(*LEARN, "--runs", tmp_path, "--name", "cut")
+    wait_for(proc.stdout, "epoch   1/3")  # interrupt early in epoch 2
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "stopping after this step (Ctrl-C again to quit now)" in err and f"--resume {tmp_path / 'cut'}" in err
+    cut = checkpoint_state(tmp_path / "cut")
+    assert cut["epoch"] == 1 and 0 < cut["step_in_epoch"] < 16 and cut["partial"]["seconds"] > 0
+
+    r = train("--resume", tmp_path / "cut")
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = summary(tmp_path / "cut")
+    schedule = [(h["epoch"], h["step"], h["lr"]) for h in s["history"]]
+    assert schedule == [(h["epoch"], h["step"], h["lr"]) for h in summary(learned)["history"]]
+    resumed = s["history"][1]
+    assert resumed["resumed_at_step"] == cut["step_in_epoch"]  # marked; its totals cover all 16 steps
+    assert resumed["epoch_s"] > cut["partial"]["seconds"]  # the time before the stop is counted
+    assert s["wall_s"] == pytest.approx(sum(h["epoch_s"] for h in s["history"]))
+
+
+def test_second_ctrl_c_quits_at_once_and_keeps_the_last_checkpoint(tmp_path):
+    proc = start("--smoke", "--limit-train", "128", "--batch-size", "128", "--epochs", "3", "--runs", tmp_path,
+                 "--name", "twice")  # one slow step an epoch
+    wait_for(proc.stdout, "epoch   1/3")
+    saved = (tmp_path / "twice" / "last.pt").read_bytes()
+    proc.send_signal(signal.SIGINT)
+    wait_for(proc.stderr, "stopping after this step")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "quitting now; the last checkpoint is kept" in err
+    assert "stopped at" not in err  # it did not wait to finish the step and save
+    assert (tmp_path / "twice" / "last.pt").read_bytes() == saved
+    assert checkpoint_state(tmp_path / "twice")["epoch"] == 1
+
+
+def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
+    proc = start(*TINY, "--epochs", "2", "--runs", tmp_path, "--name", "term")
+    wait_for(proc.stdout, "training ")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    ckpt = torch.load(tmp_path / "term" / "last.pt", weights_only=True)
+    assert ckpt["state"]["epoch"] == 0 and ckpt["state"]["step_in_epoch"] >= 1
+    build_model().load_state_dict(ckpt["model"])
+
+
+def test_ctrl_c_while_loading_quits_at_once_and_leaves_nothing(shared_jpeg, tmp_path):
+    proc = start("--data", shared_jpeg, "--runs", tmp_path, "--device", "cpu")  # decoding 60,000 JPEGs: ~30 s
+    wait_for(proc.stdout, "loading")
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 130 and "interrupted before training; nothing saved" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_complete_run_is_left_alone(learned):
+    before = (learned / "last.pt").read_bytes()
+    r = train("--resume", learned)
+    assert r.returncode == 0 and "run already complete" in r.stdout and "raise --epochs" in r.stdout
+    assert (learned / "last.pt").read_bytes() == before
+
+
+def test_raising_epochs_on_resume_extends_the_run(learned, tmp_path):
+    shutil.copytree(learned, tmp_path / "more")
+    r = train("--resume", tmp_path / "more", "--epochs", "4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "--epochs 4 (was 3)" in r.stdout and "stretched" in r.stdout
+    s = summary(tmp_path / "more")
+    assert s["epochs_run"] == 4 and s["steps"] == 64 and s["config"]["epochs"] == 4
+
+
+# --- mistakes: one line, exit 2, nothing created or changed --------------------------------------
+
+def one_line_error(r):
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr  # no usage block, no traceback
+    return r.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--smoke", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--smoke", "--epochs", "-3"], "--epochs must be at least 1"),
+    (["--smoke", "--lr", "-1"], "--lr must be positive"),
+    (["--smoke", "--limit-train", "8"], "lower --batch-size"),
+    (["--data", "/no/such/folder"], "does not exist; run `make data`"),
+    (["--data", "/etc/passwd", "--device", "cpu"], "/etc/passwd: not a tar or tar.gz archive"),
+])
+def test_bad_flags_and_data_are_one_line(flags, message, tmp_path):
+    assert message in one_line_error(train(*flags, "--runs", tmp_path))
+    assert list(tmp_path.iterdir()) == []  # no run folder left behind
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty (0 bytes), not a checkpoint"),
+    (os.urandom(4096), "not a readable torch.save file"),
+])
+def test_bad_checkpoint_is_one_line(content, message, tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "last.pt").write_bytes(content)
+    err = one_line_error(train("--resume", tmp_path / "bad"))
+    assert message in err and str(tmp_path / "bad" / "last.pt") in err
+    assert (tmp_path / "bad" / "last.pt").read_bytes() == content
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "0.5"], "--lr 0.5 differs from the run's 0.2"),
+    (["--epochs", "2"], "--epochs 2 would shorten the run"),
+])
+def test_resume_refuses_flags_it_cannot_honour(learned, flags, message):
+    before = (learned / "last.pt").read_bytes()
+    assert message in one_line_error(train("--resume", learned, *flags))
+    assert (learned / "last.pt").read_bytes() == before
+
+
+def test_existing_run_is_not_overwritten(learned):
+    before = (learned / "last.pt").read_bytes()
+    assert "--resume" in one_line_error(train("--smoke", "--runs", learned.parent, "--name", learned.name))
+    assert (learned / "last.pt").read_bytes() == before
+
+
+def test_unwritable_run_folder_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    assert "cannot write the run folder" in one_line_error(train("--smoke", "--runs", tmp_path / "file" / "runs"))
+
+
+def test_flag_syntax_errors_keep_argparse_usage(tmp_path):
+    r = train("--recipe", "turbo", "--runs", tmp_path)
+    assert r.returncode == 2 and "usage: train.py" in r.stderr and "invalid choice: 'turbo'" in r.stderr
+
+
+def test_cli_help_lists_every_config_field():
+    out = train("--help").stdout
+    for name in Config.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in out
+
+
 # --- other sources and devices ------------------------------------------------------------------
 
 def test_encoded_source_trains(jpeg_tree, tmp_path):
-    assert train.main(["--data", str(jpeg_tree), "--source", "encoded", "--epochs", "1", "--batch-size", "8",
-                       "--eval-batch-size", "20", "--runs", str(tmp_path), "--name", "jpeg"]) == 0
+    r = train("--data", jpeg_tree, "--source", "encoded", "--epochs", "1", "--batch-size", "8", "--eval-batch-size",
+              "20", "--device", "cpu", "--runs", tmp_path, "--name", "jpeg")
+    assert r.returncode == 0, r.stderr[-3000:]
     assert summary(tmp_path / "jpeg")["epochs_run"] == 1
 
 
+def torchrun_smoke(runs):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "train.py"), "--smoke", "--runs", str(runs), "--name", "ddp"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300, env={**ENV, "OMP_NUM_THREADS": "1"})
+
+
+def without_bars(stderr):
+    return "\n".join(line for line in stderr.replace("\r", "\n").splitlines() if "step/s" not in line)
+
+
 def test_two_ranks_under_torchrun(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(ROOT / "train.py"), "--smoke", "--runs", str(tmp_path), "--name", "ddp"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, "\n".join(l for l in r.stderr.replace("\r", "\n").splitlines() if "step/s" not in l)[-6000:]
+    r = torchrun_smoke(tmp_path)
+    assert r.returncode == 0, without_bars(r.stderr)[-6000:]
     assert [p.name for p in tmp_path.iterdir()] == ["ddp"]  # one run folder, written by rank 0
     s = summary(tmp_path / "ddp")
     assert s["world_size"] == 2 and s["epochs_run"] == 1
@@ -155,47 +339,19 @@ def test_two_ranks_under_torchrun(tmp_path):
     assert s["history"][0]["step"] == 256 // 16
 
 
-# --- bad flags: argparse-style, exit 2, before any work -----------------------------------------
-
-@pytest.mark.parametrize("flags, message", [
-    (["--batch-size", "0"], "--batch-size must be at least 1"),
-    (["--epochs", "-3"], "--epochs must be at least 1"),
-    (["--recipe", "turbo"], "invalid choice: 'turbo'"),
-    (["--data", "/no/such/folder"], "does not exist; run `make data`"),
-    (["--lr", "-1"], "--lr must be positive"),
-])
-def test_bad_flags_exit_2(flags, message, tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        train.main(flags + ["--runs", str(tmp_path)])
-    assert e.value.code == 2
-    assert message in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == []  # nothing written
-
-
-def test_unwritable_run_folder_exits_2(tmp_path, capsys):
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(SystemExit) as e:
-        train.main(["--smoke", "--runs", str(tmp_path / "file" / "runs")])
-    assert e.value.code == 2 and "cannot write the run folder" in capsys.readouterr().err
-
-
-def test_corrupt_checkpoint_exits_2(tmp_path, capsys):
-    (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "last.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
-    with pytest.raises(SystemExit) as e:
-        train.main(["--resume", str(tmp_path / "bad")])
-    assert e.value.code == 2 and "corrupt or incompatible checkpoint" in capsys.readouterr().err
-
-
-def test_existing_run_is_not_overwritten(learned, capsys):
-    before = (learned / "last.pt").read_bytes()
-    with pytest.raises(SystemExit) as e:
-        train.main(["--smoke", "--runs", str(learned.parent), "--name", learned.name])
-    assert e.value.code == 2 and "--resume" in capsys.readouterr().err
-    assert (learned / "last.pt").read_bytes() == before
-
-
-def test_cli_help_lists_every_config_field():
-    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True).stdout
-    for f in train.dataclasses.fields(train.Config):
-        assert "--" + f.name.replace("_", "-") in out
+@pytest.mark.skipif(not os.environ.get("DDP_STRESS"), reason="opt-in: DDP_STRESS=<runs> make test ARGS='-k stress'")
+def test_two_ranks_stress_under_cpu_load(tmp_path):
+    """The two-rank run, DDP_STRESS times over, with every core also busy: how the CI flake (a rank
+    aborting at exit) was caught. Every failure's stderr is kept in tmp_path for reading."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
+    failures = []
+    try:
+        for i in range(int(os.environ["DDP_STRESS"])):
+            r = torchrun_smoke(tmp_path / f"run{i}")
+            if r.returncode != 0:
+                (tmp_path / f"run{i}.stderr").write_text(r.stderr)
+                failures.append(f"run {i}: exit {r.returncode}: {without_bars(r.stderr)[-400:]}")
+    finally:
+        for h in hogs:
+            h.kill()
+    assert not failures, "\n".join(failures)
