@@ -37,8 +37,10 @@ bench: $(STAMP)
 data: $(STAMP)
 	$(PY) -m pipelines.fetch $(if $(SRC),--src "$(SRC)")
 
+# Training curves by default; the bench's scalars with `make tensorboard LOGDIR=bench/tensorboard`.
+LOGDIR ?= runs
 tensorboard: $(STAMP)
-	.venv/bin/tensorboard --logdir runs $(ARGS)
+	.venv/bin/tensorboard --logdir $(LOGDIR) $(ARGS)
 
 clean:  # the environment and caches; data/ and runs/ hold results and stay
 	rm -rf .venv .pytest_cache build *.egg-info
