@@ -395,10 +395,11 @@ def exit_rank(code):
     """Leave a torchrun rank without tearing the interpreter down.
 
     A finished rank could abort (SIGABRT, "terminate called without an active exception") after
-    its last line of Python, in about 1 of 14 two-rank CPU runs under load: a native thread of
-    gloo or DALI reached for the GIL while the interpreter was being finalized. So: free what
-    reference cycles still hold while Python is alive, close the process group, flush, and exit
-    without finalizing. Everything the run writes is already closed and renamed by now.
+    its last line of Python, in 3 of 41 two-rank CPU runs under load, with no Python frame on the
+    stack: the signature of a native thread (gloo's or DALI's) reaching for the GIL while the
+    interpreter is finalized (see PyTorch PR #179291). So: free what reference cycles still hold
+    while Python is alive, close the process group, flush, and exit without finalizing.
+    Everything the run writes is closed and renamed by now.
     """
     gc.collect()
     if dist.is_initialized():
