@@ -206,10 +206,10 @@ def main(argv=None):
             checkpoint(run_dir / "last.pt", model, optimizer, scheduler, state, cfg, env)
             if improved:
                 checkpoint(run_dir / "best.pt", model, optimizer, scheduler, state, cfg, env)
-        log.epoch(row, state)
+        log.epoch(row)
         if stop.requested and state["step"] < total:
             return log.stopped(stop, f"the end of epoch {epoch + 1}")
-    log.finish(state, confusion)
+    log.finish(confusion)
     return 0
 
 
@@ -288,7 +288,7 @@ class Logger:
         self.facts = {**run_facts(env), "params": count_params(model), "compiled": compiled,
                       "compile_s": compile_s if cfg.compile else None}
         self.total = total_steps(cfg, steps_per_epoch)
-        self.steps_per_epoch, self.logs = steps_per_epoch, 0
+        self.logs = 0
         self.memory = train_memory_bytes(model, cfg.batch_size // env.world)
         self.writer = SummaryWriter(run_dir, flush_secs=10)  # curves show up while the first epoch runs
         print(f"device: {self.facts['device']} x {env.world}, params {self.facts['params']:,}, "
@@ -326,18 +326,19 @@ class Logger:
                            f"{self.memory / 1e9:.1f} GB of memory; for a short run try --limit-train 5000 --epochs 2 or "
                            f"--max-steps 100, and for less memory a smaller --batch-size (scale --lr with it)")
 
-    def epoch(self, row, state):
+    def epoch(self, row):
         for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
             self.writer.add_scalar(key.replace("_", "/", 1), row[key], row["epoch"])
         self.writer.add_scalar("throughput/train_img_per_s", row["img_per_s"], row["epoch"])
         self.writer.add_scalar("time/epoch_s", row["epoch_s"], row["epoch"])
-        self.summary(state, complete=False)
+        self.summary(complete=False)
         self.bar.write(f"epoch {row['epoch']:3d}/{self.cfg.epochs} | train loss {row['train_loss']:.3f} "
                        f"acc {row['train_acc']:6.2%} | test loss {row['test_loss']:.3f} acc {row['test_acc']:6.2%} | "
                        f"lr {row['lr']:.2e} | {row['img_per_s']:8,.0f} img/s | {row['epoch_s']:5.1f} s"
                        + (f" (resumed at step {row['resumed_at_step']})" if "resumed_at_step" in row else ""))
 
-    def summary(self, state, complete):
+    def summary(self, complete):
+        state = self.state
         h = state["history"]
         write_json({"config": dataclasses.asdict(self.cfg), **self.facts, "complete": complete,
                     "best_acc": state["best_acc"], "final_acc": h[-1]["test_acc"] if h else None,
@@ -346,9 +347,10 @@ class Logger:
                     "target_acc": self.cfg.target_acc, "epoch_to_target": state["target_epoch"],
                     "wall_s_to_target": state["target_wall_s"], "history": h}, self.run_dir / "summary.json")
 
-    def finish(self, state, confusion):
+    def finish(self, confusion):
         from pipelines.preview import confusion_image
 
+        state = self.state
         self.bar.close()
         final, last = state["history"][-1]["test_acc"], state["epoch"]
         for i, name in enumerate(CLASSES):
@@ -359,7 +361,7 @@ class Logger:
         self.writer.add_hparams({**hparams, "compiled": self.facts["compiled"]},
                                 {"hparam/best_acc": state["best_acc"], "hparam/final_acc": final}, run_name=".")
         self.writer.close()
-        self.summary(state, complete=True)
+        self.summary(complete=True)
         reached = (f"reached {self.cfg.target_acc:.0%} at epoch {state['target_epoch']} ({state['target_wall_s']:.1f} s)"
                    if state["target_epoch"] else f"did not reach {self.cfg.target_acc:.0%}")
         print(f"done: best test acc {state['best_acc']:.2%}, final {final:.2%}, {reached}; {self.run_dir}/summary.json")
@@ -367,7 +369,7 @@ class Logger:
     def stopped(self, stop, where):
         self.bar.close()
         self.writer.close()
-        self.summary(self.state, complete=False)
+        self.summary(complete=False)
         print(f"stopped at {where}, saved; continue with: python train.py --resume {self.run_dir}", file=sys.stderr)
         return stop.exit_code
 

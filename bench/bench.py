@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from net import build_model, count_macs
-from net.engine import (Config, Env, UserError, compile_checked, make_optimizer, make_scheduler, resolve, run_facts,
+from net.engine import (Config, Env, UserError, bf16_autocast, compile_checked, make_optimizer, make_scheduler, resolve, run_facts,
                         train_epoch, train_step, write_atomic, write_json)
 from net.model import activation_elements
 from pipelines import MEAN, STD, Augment, DataError, load_cifar10, make_loader, synthetic_cifar
+from pipelines.data import decode_image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,7 +73,7 @@ def bench_data(path, n_encoded, n_synthetic):
             f"synthetic_cifar({n_synthetic}), no CIFAR-10 at {path} (encoded: {n_encoded} of them as JPEG q75)"
     try:
         blobs, labels = load_cifar10(path, "train", encoded=True)
-        images, _ = load_cifar10(path, "train")
+        images = np.stack([decode_image(b) for b in blobs])  # the pixels of the same files: one read of the copy
         return images, labels, blobs, f"CIFAR-10 train split from {path}"
     except DataError as e:
         if "not encoded images" not in str(e):
@@ -189,9 +190,8 @@ def model_variants(device):
 
 def prepare_model(cfg, name, dtype, channels_last, compiled):
     """(model, the recipe's optimizer, Env, name) for one variant; the name says if compile fell back."""
-    bf16 = dtype == torch.bfloat16
     env = Env(device=torch.device(cfg.device), dtype=dtype,
-              autocast=(lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext)
+              autocast=bf16_autocast if dtype == torch.bfloat16 else contextlib.nullcontext)
     model = build_model(dropout=cfg.dropout).to(cfg.device, memory_format=torch.channels_last if channels_last
                                                 else torch.contiguous_format)
     if compiled:  # as train.py compiles: checked against eager on an eval-sized batch

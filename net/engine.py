@@ -132,12 +132,13 @@ def setup_env(cfg):
     if cuda:
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-
-    return Env(device=torch.device(f"cuda:{local}" if cuda else "cpu"), autocast=autocast if cuda else contextlib.nullcontext,
+    return Env(device=torch.device(f"cuda:{local}" if cuda else "cpu"), autocast=bf16_autocast if cuda else contextlib.nullcontext,
                dtype=torch.bfloat16 if cuda else torch.float32, rank=rank, world=world, ddp=ddp)
+
+
+def bf16_autocast():
+    """The CUDA precision: matmuls and convs in bf16 (no loss scaling needed), reductions in fp32."""
+    return torch.autocast("cuda", dtype=torch.bfloat16)
 
 
 def compile_checked(model, x, env, mode="default"):
