@@ -383,10 +383,14 @@ class StopSignal:
 
 # --- what a result records ---------------------------------------------------------------------
 
-def git_commit():
+def git_commit(root=ROOT):
+    """The short commit, with "+dirty" when the Python code that runs differs from it (results files don't count)."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=root, timeout=5)
+
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=ROOT, timeout=5).stdout.strip() or None
+        commit = git("rev-parse", "--short", "HEAD").stdout.strip()
+        return commit + ("+dirty" if git("diff", "--quiet", "HEAD", "--", "*.py").returncode else "") if commit else None
     except (OSError, subprocess.TimeoutExpired):
         return None
 

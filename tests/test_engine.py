@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from net import build_model
-from net.engine import (Config, Env, NonFiniteLoss, StopSignal, UserError, compile_checked, load_checkpoint,
-                        make_optimizer, make_scheduler, resolve, save_checkpoint, train_epoch, warmup_steps)
+from net.engine import (Config, Env, NonFiniteLoss, StopSignal, UserError, compile_checked, git_commit,
+                        load_checkpoint, make_optimizer, make_scheduler, resolve, save_checkpoint, train_epoch, warmup_steps)
 from pipelines import make_loader, synthetic_cifar
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -260,3 +260,23 @@ def test_trainer_and_bench_run_the_same_train_epoch():
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "net.engine"
                 for a in n.names}
     assert {"train_epoch", "evaluate"} <= imported and not {"train_epoch", "train_step", "evaluate"} & defined
+
+
+def test_results_name_the_commit_and_say_when_the_code_differs_from_it(tmp_path):
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "model.py").write_text("width = 32\n")
+    (tmp_path / "results.md").write_text("| 1 |\n")
+    git("add", ".")
+    git("commit", "-qm", "first")
+    commit = git("rev-parse", "--short", "HEAD")
+    assert git_commit(tmp_path) == commit
+    (tmp_path / "results.md").write_text("| 2 |\n")  # the bench rewrites its results: still the same code
+    assert git_commit(tmp_path) == commit
+    (tmp_path / "model.py").write_text("width = 64\n")
+    assert git_commit(tmp_path) == commit + "+dirty"
+    assert git_commit(tmp_path / "nowhere") is None
+
