@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from net import build_model, count_params
-from net.engine import (Config, NonFiniteLoss, StopSignal, UserError, compile_checked, evaluate, load_checkpoint,
+from net.engine import (CompileCheck, Config, NonFiniteLoss, StopSignal, UserError, compile_checked, evaluate, load_checkpoint,
                         make_optimizer, make_scheduler, resolve, run_facts, save_checkpoint, setup_env, total_steps,
                         train_epoch, warmup_steps, write_json)
 from net.model import train_memory_bytes
@@ -173,15 +173,16 @@ def main(argv=None):
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
     state = restore(ckpt, model, optimizer, scheduler, env) if ckpt else fresh_state()
-    t0, fast_model, err = time.perf_counter(), model, None
-    if cfg.compile:
-        fast_model, err = compile_checked(model, next(iter(test_loader))[0], env, cfg.compile_mode)
-    compile_s = time.perf_counter() - t0
+    check = CompileCheck(model, compiled=False)
+    if cfg.compile:  # both graphs (eval, train) built and checked here, not inside epoch 1
+        check = compile_checked(model, env, eval_batch=min(cfg.eval_batch_size, test_loader.shard_size),
+                                train_batch=cfg.batch_size // env.world, mode=cfg.compile_mode)
+    fast_model = check.model
     train_model = torch.nn.parallel.DistributedDataParallel(fast_model) if env.ddp else fast_model
 
     run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no folder
     stop.arm()  # from here a stop saves where it is
-    log.start(run_dir, model, steps_per_epoch, state, notes, compile_s, err)
+    log.start(run_dir, model, steps_per_epoch, state, notes, check)
     if not ckpt:
         log.augmentations(*grid_sample(*test, cfg.seed))
     total = total_steps(cfg, steps_per_epoch)
@@ -277,25 +278,25 @@ class Logger:
         print("config:", json.dumps(dataclasses.asdict(cfg)))
         print(f"loading {'generated --smoke data' if cfg.smoke else cfg.data} ...", flush=True)
 
-    def start(self, run_dir, model, steps_per_epoch, state, notes, compile_s, compile_err):
+    def start(self, run_dir, model, steps_per_epoch, state, notes, check):
         """Once data, model and compile are ready: the run folder's writer, the facts, the bar."""
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
         cfg, env = self.cfg, self.env
         self.run_dir, self.state = run_dir, state
-        compiled = cfg.compile and compile_err <= 1e-2
-        self.facts = {**run_facts(env), "params": count_params(model), "compiled": compiled,
-                      "compile_s": compile_s if cfg.compile else None}
+        self.facts = {**run_facts(env), "params": count_params(model), "compiled": check.compiled,
+                      "compile_s": check.seconds if cfg.compile else None, "compile_graphs": check.graphs,
+                      "compile_error": check.error, "eager_error": check.eager_error}
         self.total = total_steps(cfg, steps_per_epoch)
         self.logs = 0
         self.memory = train_memory_bytes(model, cfg.batch_size // env.world)
         self.writer = SummaryWriter(run_dir, flush_secs=10)  # curves show up while the first epoch runs
         print(f"device: {self.facts['device']} x {env.world}, params {self.facts['params']:,}, "
               f"{steps_per_epoch} steps/epoch of {cfg.batch_size}, {self.total} steps in all"
-              + (f", compiled in {compile_s:.0f} s" if compiled else ""))
-        if cfg.compile and not compiled:  # Inductor's max-autotune conv template has disagreed with eager before
-            notes = notes + [f"compiled model disagrees with eager (max relative error {compile_err:.2e}); training eager"]
+              + (f", compiled {check.graphs} graphs in {check.seconds:.0f} s (error against fp32 {check.error:.1e}, "
+                 f"eager bf16 {check.eager_error:.1e})" if check.compiled else ""))
+        notes = notes + [check.note]
         for note in notes + [warmup_steps(cfg, steps_per_epoch)[1]]:
             if note:
                 print(f"note: {note}")

@@ -130,10 +130,16 @@ def setup_env(cfg):
             torch.cuda.set_device(local)  # before anything touches CUDA, or ranks pile onto GPU 0
         dist.init_process_group(backend="nccl" if cuda else "gloo")
     if cuda:
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        configure_cuda()
     return Env(device=torch.device(f"cuda:{local}" if cuda else "cpu"), autocast=bf16_autocast if cuda else contextlib.nullcontext,
                dtype=torch.bfloat16 if cuda else torch.float32, rank=rank, world=world, ddp=ddp)
+
+
+def configure_cuda():
+    """The CUDA settings training runs with (the bench calls this too, so it times the same thing)."""
+    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
+    # TF32 through the legacy flags only: mixing them with the new fp32_precision API makes Inductor raise.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
 
 def bf16_autocast():
@@ -141,21 +147,96 @@ def bf16_autocast():
     return torch.autocast("cuda", dtype=torch.bfloat16)
 
 
-def compile_checked(model, x, env, mode="default"):
-    """torch.compile with static shapes, used only if it agrees with eager on `x` (max rel. error 1e-2).
+@dataclass
+class CompileCheck:
+    """What `compile_checked` found. `model` is what to run; `compiled` is the one flag read everywhere."""
+    model: torch.nn.Module
+    compiled: bool
+    seconds: float = 0.0  # compiling and running every graph the trainer needs
+    graphs: int = 0  # Dynamo graphs built: the trainer needs exactly two (eval forward; train forward + backward)
+    error: float = None  # max |compiled - fp32 eager| / max |fp32 eager|, eval forward
+    eager_error: float = None  # the same for eager at the training precision: what rounding alone costs
+    note: str = None  # why it fell back to eager, for the log
 
-    dynamic=False: the check and evaluation run other batch sizes than training, and a second
-    shape would otherwise make Inductor recompile the graph with a symbolic batch dimension.
-    Inductor's max-autotune conv template has returned wrong results (PyTorch issue #173068).
+
+def relative_error(out, reference):
+    return ((out.float() - reference).abs().max() / reference.abs().max().clamp_min(1e-6)).item()  # sync: at start
+
+
+def compile_checked(model, env, *, eval_batch, train_batch, mode="default", compiler=None):
+    """torch.compile with static shapes, used only if every graph the trainer needs compiles and agrees.
+
+    Both graphs are built and run here, not lazily inside the first step: the eval forward at
+    `eval_batch` (compared, with eager at the training precision, against an fp32 eager
+    reference: accepted when the compiled error is at most twice eager's plus 1e-4), and a
+    training forward + backward at `train_batch` (loss and gradients must be finite; dropout
+    draws differ between Inductor and eager, so its values are not compared). The training pass
+    runs on `model` itself, whose weights, BatchNorm statistics, gradients and RNG are restored
+    after, so the graph built is the one the trainer will hit. Any compiler exception, or a
+    disagreement, means eager with a note; under DDP every rank follows rank 0's verdict.
+    `compiler` stands in for torch.compile (the tests pass failing and wrong ones).
+
+    dynamic=False: evaluation and training run different batch sizes, and a second shape would
+    otherwise turn the graph into a dynamic-shape one. Past Dynamo's recompile limit torch
+    would silently run eager; here it is an error. Inductor's max-autotune conv template has
+    returned wrong results (PyTorch issue #173068): hence the comparison.
     """
-    compiled = torch.compile(model, mode=mode, dynamic=False)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), env.autocast():
-        eager, out = model(x).float(), compiled(x).float()
-    model.train(was_training)
-    err = ((out - eager).abs().max() / eager.abs().max().clamp_min(1e-6)).item()  # sync: once, at start
-    return (compiled, err) if err <= 1e-2 else (model, err)
+    torch._dynamo.config.fail_on_recompile_limit_hit = True  # a graph per new shape is a bug, not a fallback
+    counters = torch._dynamo.utils.counters["stats"]
+    graphs_before, t0 = counters["unique_graphs"], time.perf_counter()
+    check = CompileCheck(model=model, compiled=False)
+    gen = torch.Generator(device=env.device).manual_seed(0)
+
+    def batch(n):  # inputs as the loader hands them: the training dtype, channels_last
+        x = torch.randn(n, 3, 32, 32, device=env.device, generator=gen).to(env.dtype)
+        return x.contiguous(memory_format=torch.channels_last)
+
+    was_training, fast = model.training, None
+    saved = {k: v.clone() for k, v in model.state_dict().items()}  # the check's training pass moves BN statistics
+    rng = torch.get_rng_state(), torch.cuda.get_rng_state(env.device) if env.device.type == "cuda" else None
+    try:
+        fast = (compiler or torch.compile)(model, mode=mode, dynamic=False)
+        model.eval()
+        x = batch(eval_batch)
+        with torch.no_grad():
+            reference = model(x.float())
+            with env.autocast():
+                eager, out = model(x), fast(x)
+        check.error, check.eager_error = relative_error(out, reference), relative_error(eager, reference)
+        model.train()
+        x, y = batch(train_batch), torch.randint(0, 10, (train_batch,), device=env.device, generator=gen)
+        with env.autocast():
+            loss = F.cross_entropy(fast(x), y)
+        loss.backward()
+        grads_finite = torch.stack([torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None])
+        finite = bool(torch.isfinite(loss) & grads_finite.all())  # sync: once, at start
+        if not finite:
+            check.note = "the compiled training step gave a non-finite loss or gradient"
+        elif check.error > 2 * check.eager_error + 1e-4:
+            check.note = (f"the compiled model disagrees with eager (relative error {check.error:.2e} against fp32, "
+                          f"eager at training precision {check.eager_error:.2e})")
+        else:
+            check.model, check.compiled = fast, True
+    except Exception as e:  # any compiler failure: train eager rather than not at all
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        check.note = f"torch.compile failed ({type(e).__name__}: {first})"
+    finally:  # the model leaves the check as it came in
+        model.load_state_dict(saved)
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state(rng[1], env.device)
+    if env.ddp:  # one verdict for all ranks, or DDP would pair a compiled rank with an eager one
+        verdict = torch.tensor([int(check.compiled)], device=env.device)
+        dist.broadcast(verdict, 0)
+        if bool(verdict.item()) != check.compiled:
+            check.compiled, check.model = bool(verdict.item()), fast if verdict.item() else model
+            check.note = None if check.compiled else "rank 0 rejected the compiled model"
+    check.seconds, check.graphs = time.perf_counter() - t0, counters["unique_graphs"] - graphs_before
+    if check.note:
+        check.note += "; training eager"
+    return check
 
 
 # --- the recipe's parts ---------------------------------------------------------------------------
@@ -269,7 +350,8 @@ def evaluate(model, loader, env, num_classes=10):
         with env.autocast():
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-        confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes**2)
+        # index_add_, not bincount: CUDA bincount reads min and max, two host syncs per batch
+        confusion.index_add_(0, y * num_classes + logits.argmax(1), torch.ones_like(y))
     model.train()
     if env.ddp:
         dist.all_reduce(loss_sum)

@@ -6,17 +6,28 @@ Normalization comes first (crop_mirror_normalize, which also does the flip), so 
 mean-fill of warp_affine and erase is exactly 0: `fill_value` is one scalar, and 0 after
 normalization IS the per-channel dataset mean.
 
-Epochs are reproducible from (seed, epoch) alone: each epoch gets a fresh pipeline whose seed
-and shuffle derive from both, so a resumed run sees exactly the batches it would have seen.
+Three choices that matter on a GPU (../shared/NOTES-GPU.md):
+- The per-image parameters (flip, the shift-scale-rotate matrix, the cutout square) are drawn
+  with numpy in a source callback, not by DALI random/arithmetic operators: argument inputs
+  live on the CPU even in a GPU graph, and DALI runs its CPU operators one after another (~30
+  of them cost 8-13 ms per 512 images; numpy, well under 1 ms).
+- Each loader builds its pipeline once and resets it per epoch: a build costs 50-60 ms on CPU
+  and more on a GPU (streams, pinned buffers, the nvJPEG decoder), and DALI's pool never shrinks.
+- DALI's GPU output is copied into torch's memory on torch's stream (the copy is also the one
+  cast to the model's dtype), and DALI's buffer is held until that copy has run: DLPack gives
+  DALI its buffer back as soon as Python drops it, with no ordering against torch's stream.
+
+Epochs are reproducible from (seed, epoch) alone, and each batch from (seed, epoch, shard,
+batch index): a run resumed in the middle of an epoch sees exactly the batches, augmentation
+included, that an uninterrupted run would have seen.
 """
+import collections
 import dataclasses
-import math
 import os
 
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from .data import MEAN, SIZE, STD
@@ -44,56 +55,63 @@ class Augment:
             raise ValueError(f"Augment.scale = {self.scale} must be < 1 (scale factor 1 +- scale)")
 
 
-def _uniform(lo, hi):
-    """Per-sample uniform in [lo, hi); a constant when the range is empty (DALI refuses it)."""
-    return fn.random.uniform(range=(lo, hi)) if hi > lo else float(lo)
+def draw_augment(aug, n, rng):
+    """The per-image parameters of one batch of `n`, as DALI's argument inputs take them.
 
-
-def _ssr_matrix(aug):
-    """Per-sample 2x3 forward (source -> destination) affine matrices, identity when not drawn.
-
-    Built with DALI arithmetic rather than fn.transforms.*, which cost ~1.6 ms per batch of 256
-    on the CPU side of a GPU pipeline (NOTES-DALI.md). Coordinates are (x, y) with the origin at
-    the first pixel's corner, so the centre is (16, 16).
+    flip: int32 (n,), 1 = mirror; matrix: float32 (n, 2, 3), the forward (source -> destination)
+    affine map, identity where shift-scale-rotate is not drawn; anchor: float32 (n, 2), the
+    cutout centre (y, x), uniform over the image; shape: float32 (n, 2), the hole's (h, w):
+    0 x 0 (erases nothing) where cutout is not drawn. Coordinates are (x, y) with the origin at
+    the first pixel's corner, so the image centre is (16, 16).
     """
-    on = fn.cast(fn.random.coin_flip(probability=aug.ssr_p), dtype=types.FLOAT)
-    angle = _uniform(-aug.rotate, aug.rotate) * (math.pi / 180.0) * on
-    scale = 1.0 + _uniform(-aug.scale, aug.scale) * on
-    tx = _uniform(-aug.shift, aug.shift) * SIZE * on
-    ty = _uniform(-aug.shift, aug.shift) * SIZE * on
-    a, b = scale * dmath.cos(angle), scale * dmath.sin(angle)
-    c = SIZE / 2
+    flip = rng.random(n) < aug.flip_p
+    on = rng.random(n) < aug.ssr_p
+    angle = np.radians(rng.uniform(-aug.rotate, aug.rotate, n)) * on
+    scale = 1.0 + rng.uniform(-aug.scale, aug.scale, n) * on
+    tx, ty = rng.uniform(-aug.shift, aug.shift, (2, n)) * SIZE * on
+    a, b, c = scale * np.cos(angle), scale * np.sin(angle), SIZE / 2
     # dst = c + t + s R (src - c)  =>  offset = c + t - s R c
-    row0 = fn.stack(a, -b, c + tx - a * c + b * c)
-    row1 = fn.stack(b, a, c + ty - b * c - a * c)
-    return fn.stack(row0, row1)
+    matrix = np.stack([np.stack([a, -b, c + tx - a * c + b * c], 1),
+                       np.stack([b, a, c + ty - b * c - a * c], 1)], 1)
+    cut = rng.random(n) < aug.cutout_p
+    anchor = rng.uniform(0.0, SIZE, (n, 2))
+    side = aug.cutout_size * cut
+    return {"flip": flip.astype(np.int32), "matrix": matrix.astype(np.float32),
+            "anchor": anchor.astype(np.float32), "shape": np.stack([side, side], 1).astype(np.float32)}
+
+
+def used_draws(aug):
+    """The `draw_augment` outputs the graph reads for `aug`: DALI warns about unused ones."""
+    if aug is None:
+        return ()
+    ssr, cutout = aug.ssr_p > 0, aug.cutout_p > 0 and aug.cutout_size > 0
+    return ("flip",) + ("matrix",) * ssr + ("anchor", "shape") * cutout
 
 
 @pipeline_def(enable_conditionals=False)
-def cifar_graph(source, *, device, encoded, train, augment, mean, std, half):
-    """The whole graph. device: "cpu" or "gpu"; source yields (images or encoded bytes, labels)."""
+def cifar_graph(data, draws, *, device, encoded, augment, mean, std):
+    """The whole graph. device: "cpu" or "gpu"; data yields (images or encoded bytes, labels) per
+    batch, draws the `used_draws(augment)` parameters of the same batch (augment None: none).
+    Emits float32 HWC: the loader's copy into torch is also the one cast to the model's dtype."""
     if encoded:
-        blobs, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True)
+        blobs, labels = fn.external_source(source=data, num_outputs=2, batch=True, batch_info=True)
         images = fn.decoders.image(blobs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
         labels = labels.gpu() if device == "gpu" else labels
     else:  # raw uint8 HWC, already on `device` (a CUDA tensor gathered on the GPU, or numpy)
-        images, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
+        images, labels = fn.external_source(source=data, num_outputs=2, batch=True, batch_info=True,
                                             device=device, layout=["HWC", ""])
-    aug = augment if train else None
-    flip = fn.random.coin_flip(probability=aug.flip_p) if aug and aug.flip_p > 0 else 0
-    images = fn.crop_mirror_normalize(images, mirror=flip, mean=list(mean), std=list(std),
+    names = used_draws(augment)
+    # Argument inputs: CPU data, even in a GPU graph.
+    arg = dict(zip(names, fn.external_source(source=draws, num_outputs=len(names), batch=True, batch_info=True))) \
+        if names else {}
+    images = fn.crop_mirror_normalize(images, mirror=arg.get("flip", 0), mean=list(mean), std=list(std),
                                       dtype=types.FLOAT, output_layout="HWC")
-    if aug and aug.ssr_p > 0:  # zero ranges still warp (by the identity): what the tests check
-        images = fn.warp_affine(images, matrix=_ssr_matrix(aug), inverse_map=False, fill_value=0.0,
+    if "matrix" in arg:  # zero ranges still warp (by the identity): what the tests check
+        images = fn.warp_affine(images, matrix=arg["matrix"], inverse_map=False, fill_value=0.0,
                                 interp_type=types.INTERP_LINEAR)
-    if aug and aug.cutout_p > 0 and aug.cutout_size > 0:
-        # A hole of size 0 erases nothing: that is how a sample skips cutout.
-        side = aug.cutout_size * fn.cast(fn.random.coin_flip(probability=aug.cutout_p), dtype=types.FLOAT)
-        centre = fn.random.uniform(range=(0.0, float(SIZE)), shape=2)  # (y, x)
-        images = fn.erase(images, anchor=centre, shape=fn.stack(side, side), axis_names="HW",
-                          centered_anchor=True, fill_value=0.0)
-    if half:
-        images = fn.cast(images, dtype=types.FLOAT16)  # halves the bytes handed to torch
+    if "anchor" in arg:
+        images = fn.erase(images, anchor=arg["anchor"], shape=arg["shape"], axis_names="HW", centered_anchor=True,
+                          fill_value=0.0)
     return images, labels
 
 
@@ -105,7 +123,8 @@ class Loader:
     train=True: shuffled from (seed, epoch), the partial last batch dropped, `augment` applied
     (None: no augmentation); train=False: every image once in order, the partial last batch
     kept, no augmentation. Yields (x, y): x (B, 3, 32, 32) in channels_last memory on `device`
-    in `dtype`, y int64 (B,).
+    in `dtype`, y int64 (B,). The pipeline is built on the first `iter()` and reset after each
+    full epoch (`builds` counts the builds); an epoch left unfinished costs one rebuild.
     """
 
     def __init__(self, images, labels, *, batch_size, train, device="cuda", augment=Augment(), seed=0,
@@ -130,7 +149,7 @@ class Loader:
             images = np.ascontiguousarray(images)
             if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (SIZE, SIZE, 3):
                 raise ValueError(f"images must be uint8 (N, 32, 32, 3), not {images.dtype} {images.shape}")
-        self.batch_size, self.train, self.augment = batch_size, train, augment
+        self.batch_size, self.train, self.augment = batch_size, train, augment if train else None
         self.device, self.dtype, self.mean, self.std = device, dtype, mean, std
         self.seed, self.shard_id, self.num_shards = seed, shard_id, num_shards
         self.num_threads = num_threads or min(4, os.cpu_count() or 1)
@@ -145,6 +164,9 @@ class Loader:
         self.shard_size = len(self._shard_indices(0))
         if train and self.shard_size < batch_size:
             raise ValueError(f"shard {shard_id} has {self.shard_size} images, fewer than one batch of {batch_size}")
+        self.builds = 0  # pipelines built so far: one per loader, unless an epoch is left unfinished
+        self._batches, self._first, self._epoch_now = [], 0, 0  # the plan of the epoch being served
+        self._iterator, self._finished = None, True
 
     def _shard_indices(self, epoch):
         """This shard's slice of the epoch's permutation: disjoint across shards, covering all."""
@@ -161,42 +183,83 @@ class Loader:
         """The next `iter()` runs `epoch`, starting after its first `skip` batches (a resumed run)."""
         self.epoch, self.skip = epoch, skip
 
-    def _source(self, indices):
-        batches = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)][self.skip:len(self)]
-        if self.device.type == "cuda" and not self.encoded:
-            batches = [torch.as_tensor(b).to(self.device) for b in batches]  # uploaded once per epoch
+    # The two source callbacks. DALI calls them ahead of use (prefetch), with the iteration
+    # number within the current epoch; both read the plan that `__iter__` set before the epoch.
 
-        def source(info):
-            if info.iteration >= len(batches):
-                raise StopIteration
-            idx = batches[info.iteration]
-            if self.encoded:
-                return [self.images[i] for i in idx], self.labels[idx]
-            return self.images[idx], self.labels[idx]
+    def _data(self, info):
+        if info.iteration >= len(self._batches):
+            raise StopIteration
+        idx = self._batches[info.iteration]
+        if self.encoded:
+            return [self.images[i] for i in idx], self.labels[idx]
+        return self.images[idx], self.labels[idx]  # on the GPU: a gather on torch's stream, which DALI copies on
 
-        return source
+    def _draws(self, info):
+        if info.iteration >= len(self._batches):
+            raise StopIteration
+        index = self._first + info.iteration  # the batch's index in its epoch: resumed runs replay it exactly
+        rng = np.random.default_rng([self.seed, self._epoch_now, self.shard_id, index])
+        d = draw_augment(self.augment, len(self._batches[info.iteration]), rng)
+        return tuple(d[name] for name in used_draws(self.augment))
 
-    def __iter__(self):
+    def _build(self):
         on_gpu = self.device.type == "cuda"
         pipe = cifar_graph(
-            self._source(self._shard_indices(self.epoch)),
-            device="gpu" if on_gpu else "cpu", encoded=self.encoded, train=self.train, augment=self.augment,
-            mean=self.mean, std=self.std, half=self.dtype in (torch.float16, torch.bfloat16),
-            batch_size=self.batch_size, num_threads=self.num_threads,
-            device_id=torch.cuda.current_device() if on_gpu and self.device.index is None else self.device.index,
-            # The augmentation draws of epoch e on shard r depend on (seed, e, r) only.
-            seed=int(np.random.default_rng([self.seed, self.epoch, self.shard_id]).integers(2**31 - 1)),
-            prefetch_queue_depth=2, exec_dynamic=True,
-        )
-        batches = DALIGenericIterator(pipe, ["x", "y"], last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
+            self._data, self._draws, device="gpu" if on_gpu else "cpu", encoded=self.encoded, augment=self.augment,
+            mean=self.mean, std=self.std, batch_size=self.batch_size, num_threads=self.num_threads,
+            device_id=(torch.cuda.current_device() if self.device.index is None else self.device.index) if on_gpu else None,
+            seed=self.seed, prefetch_queue_depth=2, exec_dynamic=True)
+        self.builds += 1
+        # prepare_first_batch (the default): the constructor already runs the first batch.
+        return DALIGenericIterator(pipe, ["x", "y"], last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
+
+    def __iter__(self):
+        indices = self._shard_indices(self.epoch)
+        self._batches = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)][self.skip:len(self)]
+        if self.device.type == "cuda" and not self.encoded:
+            self._batches = [torch.as_tensor(b).to(self.device) for b in self._batches]  # uploaded once per epoch
+        self._first, self._epoch_now = self.skip, self.epoch
         self.epoch, self.skip = self.epoch + 1, 0
+        if self._iterator is None or not self._finished:
+            self._iterator = None  # an unfinished epoch's prefetched batches are stale: build anew
+            self._iterator = self._build()
+        else:
+            self._iterator.reset()  # the plan above is in place: DALI's prefetch for this epoch reads it
+        self._finished = False
+        return self._handoff(self._iterator)
+
+    def _handoff(self, batches):
+        keep = _HeldUntilUsed() if self.device.type == "cuda" else None
         for batch in batches:
             x, y = batch[0]["x"], batch[0]["y"]
-            # HWC -> NCHW view: the memory stays HWC, which is exactly channels_last. No copy.
-            x = x.permute(0, 3, 1, 2)
-            if x.dtype != self.dtype:
-                x = x.to(self.dtype)  # bf16: DALI has no bfloat16 type, convert from its fp16
-            yield x, y.view(-1).long()
+            # HWC -> NCHW view: the memory stays HWC, which is exactly channels_last.
+            x, y = x.permute(0, 3, 1, 2), y.view(-1)
+            if keep is not None:  # copy into torch's memory on its stream (and cast): see the module's doc
+                x_out, y_out = x.to(self.dtype, copy=True), y.to(torch.int64, copy=True)
+                keep.hold((x, y))
+                x, y = x_out, y_out
+            else:  # CPU: no stream to race, and torch's tensor keeps DALI's buffer alive
+                x, y = x.to(self.dtype), y.long()
+            yield x, y
+        self._finished = True
+
+
+class _HeldUntilUsed:
+    """DALI buffers kept alive until the torch work queued on them (the hand-off copy) has run.
+
+    A CUDA event is recorded on torch's stream after the copy; a buffer is let go once its event
+    has completed (a query, never a wait), so DALI cannot refill memory a queued copy still reads.
+    """
+
+    def __init__(self):
+        self.pending = collections.deque()
+
+    def hold(self, buffers):
+        event = torch.cuda.Event()
+        event.record()
+        self.pending.append((event, buffers))
+        while self.pending and self.pending[0][0].query():
+            self.pending.popleft()
 
 
 make_loader = Loader  # the front door's name (`from pipelines import make_loader`), one signature

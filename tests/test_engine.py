@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from net import build_model
-from net.engine import (Config, Env, NonFiniteLoss, StopSignal, UserError, compile_checked, git_commit,
+from net.engine import (Config, Env, NonFiniteLoss, StopSignal, UserError, compile_checked, git_commit, setup_env,
                         load_checkpoint, make_optimizer, make_scheduler, resolve, save_checkpoint, train_epoch, warmup_steps)
 from pipelines import make_loader, synthetic_cifar
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = Env(device=torch.device("cpu"))
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def smoke_setup(n=64, batch=16, **overrides):
@@ -147,8 +148,112 @@ def test_compile_uses_static_shapes(monkeypatch):
         return model
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    model, err = compile_checked(build_model(), torch.randn(2, 3, 32, 32), CPU, "max-autotune")
-    assert seen == {"mode": "max-autotune", "dynamic": False} and err == 0
+    check = compile_checked(build_model(), CPU, eval_batch=4, train_batch=2, mode="max-autotune")
+    assert seen == {"mode": "max-autotune", "dynamic": False}
+    assert check.compiled and check.error == check.eager_error == 0
+
+
+def test_compile_check_builds_both_graphs_the_trainer_needs_and_leaves_the_model_as_it_was():
+    model = build_model(dropout=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+
+    def dynamo_only(m, **kwargs):  # Dynamo's graphs without Inductor: seconds on CPU, not minutes
+        return torch.compile(m, backend="eager", **kwargs)
+
+    check = compile_checked(model, CPU, eval_batch=8, train_batch=4, compiler=dynamo_only)
+    assert check.compiled and check.graphs == 2 and check.note is None and check.seconds > 0
+    assert check.error <= 1e-4
+    for key, value in model.state_dict().items():  # weights and BN statistics: untouched by the check's step
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+    assert all(p.grad is None for p in model.parameters()) and model.training
+    assert torch.equal(torch.get_rng_state(), rng)
+    with torch.no_grad():  # the trainer's two shapes run the graphs built: no third one
+        check.model.eval()(torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last))
+    check.model.train()(torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)).sum().backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2 and check.graphs == 2
+
+
+def test_a_compiler_that_raises_means_eager_with_a_note():
+    def broken(m, **kwargs):
+        raise RuntimeError("Inductor fell over\nwith a long story")
+
+    model = build_model()
+    check = compile_checked(model, CPU, eval_batch=4, train_batch=2, compiler=broken)
+    assert not check.compiled and check.model is model
+    assert check.note == "torch.compile failed (RuntimeError: Inductor fell over); training eager"
+
+
+class Wrong(torch.nn.Module):
+    """A 'compiled' model whose eval output is off by 5%: what a miscompiled conv looks like."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        out = self.model(x)
+        return out * 1.05 if not self.model.training else out
+
+
+def test_a_compiled_model_that_disagrees_means_eager():
+    model = build_model()
+    check = compile_checked(model, CPU, eval_batch=4, train_batch=2, compiler=lambda m, **kw: Wrong(m))
+    assert not check.compiled and check.model is model and check.error > 0.04
+    assert "disagrees with eager" in check.note
+
+
+def test_a_compiled_training_step_that_is_not_finite_means_eager():
+    class NaNInTraining(Wrong):
+        def forward(self, x):
+            out = self.model(x)
+            return out * float("nan") if self.model.training else out
+
+    model = build_model()
+    check = compile_checked(model, CPU, eval_batch=4, train_batch=2, compiler=lambda m, **kw: NaNInTraining(m))
+    assert not check.compiled and "non-finite" in check.note
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@cuda
+def test_compile_check_on_cuda_builds_exactly_the_two_graphs_and_accepts_inductor():
+    env = setup_env(resolve(Config(device="cuda")))
+    model = build_model().to(env.device, memory_format=torch.channels_last)
+    check = compile_checked(model, env, eval_batch=1000, train_batch=512)
+    assert check.compiled, check.note
+    assert check.graphs == 2 and check.error <= 2 * check.eager_error + 1e-4 and check.eager_error > 0
+
+
+class SyncGuarded:
+    """A loader whose batches between the first and the last step run under sync debug mode "error"."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        try:
+            for i, batch in enumerate(self.loader):  # the fetch of batch i runs under the mode set at i - 1
+                torch.cuda.set_sync_debug_mode("error" if 0 < i < len(self) - 1 else "default")
+                yield batch
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@cuda
+def test_train_epoch_does_not_sync_the_host_between_log_steps():
+    cfg = resolve(Config(device="cuda", batch_size=64, log_every=1000))  # log steps: the first and the last
+    env = setup_env(cfg)
+    loader = make_loader(*synthetic_cifar(64 * 8), batch_size=64, train=True, device="cuda", dtype=env.dtype)
+    model = build_model(dropout=cfg.dropout).to(env.device, memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg, model)
+    scheduler = make_scheduler(cfg, optimizer, len(loader))
+    for epoch in range(2):  # the second epoch starts with a pipeline reset
+        totals = train_epoch(model, optimizer, SyncGuarded(loader), env, scheduler=scheduler,
+                             label_smoothing=cfg.label_smoothing, log_every=cfg.log_every)
+        assert totals["steps"] == 8
 
 
 # --- checkpoints ----------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The DALI graph on CPU operators (device="cpu"); GPU cases skip without CUDA."""
 import io
+import os
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ import torch
 from PIL import Image
 
 from pipelines import MEAN as CIFAR_MEAN, STD as CIFAR_STD, Augment, load_cifar10, make_loader
+from pipelines.dali import draw_augment
 
 MEAN, STD = np.array(CIFAR_MEAN, np.float32), np.array(CIFAR_STD, np.float32)
 NONE = dict(flip_p=0.0, ssr_p=0.0, cutout_p=0.0)
@@ -118,6 +120,36 @@ def test_probabilities_match_over_many_draws(which):
     assert abs(changed.mean() - p) < 0.045  # 4 standard deviations at n=2000
 
 
+def test_drawn_parameters_follow_the_documented_distributions():
+    aug, n = Augment(), 20_000
+    d = draw_augment(aug, n, np.random.default_rng(0))
+    assert d["flip"].dtype == np.int32 and set(np.unique(d["flip"])) == {0, 1}
+    assert abs(d["flip"].mean() - aug.flip_p) < 0.015  # 4 standard deviations at n=20,000
+    m = d["matrix"].astype(np.float64)
+    warped = ~np.all(np.isclose(m, [[1, 0, 0], [0, 1, 0]], atol=1e-7), axis=(1, 2))
+    assert abs(warped.mean() - aug.ssr_p) < 0.015
+    a, b = m[warped, 0, 0], m[warped, 1, 0]  # s cos(angle), s sin(angle)
+    scale, angle = np.hypot(a, b), np.degrees(np.arctan2(b, a))
+    assert scale.min() >= 1 - aug.scale - 1e-6 and scale.max() <= 1 + aug.scale + 1e-6 and np.ptp(scale) > 0.19
+    assert np.abs(angle).max() <= aug.rotate + 1e-4 and np.abs(angle).max() > 14.9
+    np.testing.assert_allclose(m[warped, 0, 1], -b, atol=1e-6)  # a rotation and a scale, no shear
+    np.testing.assert_allclose(m[warped, 1, 1], a, atol=1e-6)
+    centre = np.array([16.0, 16.0])  # where the centre goes is the shift: at most 2 px each way
+    moved = m[warped, :, :2] @ centre + m[warped, :, 2] - centre
+    assert np.abs(moved).max() <= aug.shift * 32 + 1e-4 and np.abs(moved).max() > 1.95
+    holes = d["shape"][:, 0] > 0
+    assert abs(holes.mean() - aug.cutout_p) < 0.015 and set(np.unique(d["shape"])) == {0.0, 16.0}
+    assert (d["shape"][:, 0] == d["shape"][:, 1]).all()
+    assert d["anchor"].min() >= 0 and d["anchor"].max() < 32 and abs(d["anchor"].mean() - 16) < 0.2
+
+
+def test_draws_depend_on_the_generator_only():
+    one = draw_augment(Augment(), 64, np.random.default_rng([1, 2, 3]))
+    two = draw_augment(Augment(), 64, np.random.default_rng([1, 2, 3]))
+    for key in one:
+        np.testing.assert_array_equal(one[key], two[key])
+
+
 # --- normalization, epochs, shards, determinism ------------------------------------------------
 
 def test_normalization_statistics():
@@ -187,6 +219,49 @@ def test_resumed_epoch_replays_exactly():
         torch.testing.assert_close(x, x_resumed, rtol=0, atol=0)
 
 
+def test_resumed_mid_epoch_replays_the_rest_exactly():
+    images = random_images(96)
+    full = make_loader(images, np.arange(96), batch_size=16, train=True, device="cpu", seed=5)
+    full.set_epoch(2)
+    batches = list(full)
+    resumed = make_loader(images, np.arange(96), batch_size=16, train=True, device="cpu", seed=5)
+    resumed.set_epoch(2, skip=4)  # as after a stop at step 4: the same images AND the same augmentation
+    rest = list(resumed)
+    assert len(rest) == len(batches) - 4
+    for (x, y), (x_resumed, y_resumed) in zip(batches[4:], rest):
+        torch.testing.assert_close(x, x_resumed, rtol=0, atol=0)
+        torch.testing.assert_close(y, y_resumed, rtol=0, atol=0)
+
+
+def rss_bytes():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_each_loader_builds_its_pipeline_once_and_memory_stays_flat(jpeg_tree):
+    blobs, labels = load_cifar10(jpeg_tree, "train", encoded=True)
+    loaders = [make_loader(random_images(64), np.arange(64), batch_size=16, train=True, device="cpu"),
+               make_loader(random_images(50), np.arange(50), batch_size=16, train=False, device="cpu"),
+               make_loader(blobs, labels, batch_size=8, train=True, device="cpu")]
+    for epoch in range(20):
+        if epoch == 3:  # DALI's pools are warm by now
+            before = rss_bytes()
+        for loader in loaders:
+            assert len(epoch_ids(loader)) == (64 if loader is loaders[0] else 50 if loader is loaders[1] else 40)
+    assert [loader.builds for loader in loaders] == [1, 1, 1]
+    assert rss_bytes() - before < 8 * 2**20  # a new pipeline per epoch grew it by ~1 MB each
+
+
+def test_an_epoch_left_unfinished_costs_a_rebuild_and_nothing_else():
+    loader = make_loader(random_images(64), np.arange(64), batch_size=16, train=True, device="cpu", seed=1)
+    next(iter(loader))  # epoch 0, abandoned after one batch
+    second = [x for x, _ in loader]  # epoch 1
+    fresh = make_loader(random_images(64), np.arange(64), batch_size=16, train=True, device="cpu", seed=1)
+    fresh.set_epoch(1)
+    for x, x_fresh in zip(second, (x for x, _ in fresh)):
+        torch.testing.assert_close(x, x_fresh, rtol=0, atol=0)
+    assert loader.builds == 2
+
+
 # --- the encoded source ----------------------------------------------------------------------------
 
 def test_encoded_source_decodes_like_pillow(jpeg_tree):
@@ -233,6 +308,54 @@ def test_cuda_requested_without_cuda():
 # --- GPU (skipped without CUDA) --------------------------------------------------------------------
 
 @cuda
+def test_gpu_augmentation_matches_cpu_with_the_same_seed():
+    images = random_images(512)
+    every = Augment(flip_p=0.5, ssr_p=1.0, cutout_p=1.0)  # every augmentation on
+    gpu = run(images, every, device="cuda", batch_size=128, seed=4)
+    cpu = run(images, every, batch_size=128, seed=4)
+    diff = np.abs(gpu - cpu)  # the same draws; bilinear warps may round differently at the edges
+    assert diff.mean() < 1e-3 and (diff > 1e-2).mean() < 1e-3
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_batches_are_channels_last_in_the_model_dtype(dtype):
+    loader = make_loader(random_images(256), np.arange(256), batch_size=64, train=True, device="cuda", dtype=dtype)
+    x, y = next(iter(loader))
+    assert x.is_cuda and y.is_cuda and x.dtype == dtype and y.dtype == torch.int64
+    assert x.is_contiguous(memory_format=torch.channels_last)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_handoff_survives_a_lagging_torch_stream(dtype):
+    """DALI runs ahead while torch's stream is busy: no batch may change under torch's feet."""
+    images = random_images(2048, seed=3)
+    loader = make_loader(images, np.arange(2048), batch_size=128, train=True, augment=Augment(), seed=9,
+                         device="cuda", dtype=dtype)
+
+    def epoch_zero(lag):
+        loader.set_epoch(0)
+        seen = []
+        for x, y in loader:
+            if lag:
+                torch.cuda._sleep(20_000_000)  # ~10 ms of GPU time queued before torch reads the batch
+            seen.append((x.float().sum(dim=(1, 2, 3)), y.clone()))  # queued behind the sleep
+            if not lag:
+                torch.cuda.synchronize()  # the reference: torch never behind
+        torch.cuda.synchronize()
+        return [(sums.cpu(), y.cpu()) for sums, y in seen]
+
+    reference = epoch_zero(lag=False)
+    for _ in range(3):
+        lagged = epoch_zero(lag=True)
+        assert len(lagged) == len(reference) == 16
+        for (sums, y), (ref_sums, ref_y) in zip(lagged, reference):
+            torch.testing.assert_close(y, ref_y, rtol=0, atol=0)
+            torch.testing.assert_close(sums, ref_sums, rtol=0, atol=1e-3)
+
+
+@cuda
 def test_gpu_raw_source_matches_cpu():
     images = random_images(256)
     gpu = run(images, Augment(**NONE), device="cuda", batch_size=64)
@@ -248,3 +371,13 @@ def test_gpu_nvjpeg_decode_matches_cpu_decode(jpeg_tree):
     gpu = torch.cat([x.cpu() for x, _ in make_loader(blobs, labels, device="cuda", **kw)])
     cpu = torch.cat([x for x, _ in make_loader(blobs, labels, device="cpu", **kw)])
     assert (gpu - cpu).abs().max() <= 8 and (gpu - cpu).abs().mean() < 1.0
+
+
+@cuda
+def test_gpu_nvjpeg_decode_of_real_cifar_jpegs_within_one_grey_level(shared_jpeg):
+    blobs, labels = load_cifar10(shared_jpeg, "test", encoded=True)
+    blobs, labels = blobs[:2000], labels[:2000]
+    kw = dict(batch_size=500, train=False, mean=(0, 0, 0), std=(1, 1, 1))
+    gpu = torch.cat([x.cpu() for x, _ in make_loader(blobs, labels, device="cuda", **kw)])
+    cpu = torch.cat([x for x, _ in make_loader(blobs, labels, device="cpu", **kw)])
+    assert (gpu - cpu).abs().mean() < 1.0

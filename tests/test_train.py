@@ -190,6 +190,10 @@ def test_interrupted_run_resumes_on_the_same_schedule_and_counts_all_time(learne
     assert resumed["resumed_at_step"] == cut["step_in_epoch"]  # marked; its totals cover all 16 steps
     assert resumed["epoch_s"] > cut["partial"]["seconds"]  # the time before the stop is counted
     assert s["wall_s"] == pytest.approx(sum(h["epoch_s"] for h in s["history"]))
+    # Each batch's augmentation follows from its index: the resumed run trained on exactly the same batches.
+    final, reference = (torch.load(d / "last.pt", weights_only=True)["model"] for d in (tmp_path / "cut", learned))
+    for key in reference:
+        torch.testing.assert_close(final[key], reference[key], rtol=0, atol=0)
 
 
 def test_second_ctrl_c_quits_at_once_and_keeps_the_last_checkpoint(tmp_path):
@@ -354,3 +358,14 @@ def test_two_ranks_stress_under_cpu_load(tmp_path):
         for h in hogs:
             h.kill()
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_smoke_on_cuda_then_resume(tmp_path):
+    r = train(*TINY, "--device", "cuda", "--runs", tmp_path, "--name", "gpu")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert summary(tmp_path / "gpu")["complete"]
+    r = train("--resume", tmp_path / "gpu", "--epochs", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = summary(tmp_path / "gpu")
+    assert s["complete"] and s["epochs_run"] == 2 and s["device"] != "cpu"
