@@ -182,7 +182,7 @@ def main(argv=None):
 
     run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no folder
     stop.arm()  # from here a stop saves where it is
-    log.start(run_dir, model, steps_per_epoch, state, notes, check)
+    log.start(run_dir, model, steps_per_epoch, state, notes, check, sizes=(len(train[1]), len(test[1])))
     if not ckpt:
         log.augmentations(*grid_sample(*test, cfg.seed))
     total = total_steps(cfg, steps_per_epoch)
@@ -278,7 +278,7 @@ class Logger:
         print("config:", json.dumps(dataclasses.asdict(cfg)))
         print(f"loading {'generated --smoke data' if cfg.smoke else cfg.data} ...", flush=True)
 
-    def start(self, run_dir, model, steps_per_epoch, state, notes, check):
+    def start(self, run_dir, model, steps_per_epoch, state, notes, check, sizes):
         """Once data, model and compile are ready: the run folder's writer, the facts, the bar."""
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
@@ -287,7 +287,8 @@ class Logger:
         self.run_dir, self.state = run_dir, state
         self.facts = {**run_facts(env), "params": count_params(model), "compiled": check.compiled,
                       "compile_s": check.seconds if cfg.compile else None, "compile_graphs": check.graphs,
-                      "compile_error": check.error, "eager_error": check.eager_error}
+                      "compile_error": check.error, "eager_error": check.eager_error,
+                      "train_images": sizes[0], "test_images": sizes[1]}
         self.total = total_steps(cfg, steps_per_epoch)
         self.logs = 0
         self.memory = train_memory_bytes(model, cfg.batch_size // env.world)

@@ -1,20 +1,26 @@
 """`python -m bench` (`make bench`): images/second at every stage, side by side, in one run.
 
-1. data pipelines alone: DALI raw and encoded (GPU and CPU), a plain-torch GPU augmenter doing
-   the same three augmentations, and the original design's Albumentations loader;
-2. the model's train step alone on device-resident batches (eager fp32 NCHW / channels_last,
-   eager bf16 channels_last, compiled bf16 channels_last) and inference;
+1. data pipelines alone: DALI raw (with and without augmentation) and encoded, on the GPU and
+   the CPU, a plain-torch augmenter doing the same three augmentations on the same device, and
+   the original design's Albumentations loader; beside them what a batch costs outside the
+   graph: the numpy parameter draws, and an epoch's start (pipeline build, then reset);
+2. the model's train step alone on device-resident batches of the dtype and layout training
+   feeds each variant (eager fp32 NCHW / channels_last, eager bf16 channels_last, compiled bf16
+   channels_last through the trainer's compile check) and inference;
 3. end to end: `net.engine.train_epoch`, the very loop train.py runs (recipe optimizer and
    schedule, on-device metrics, log-step syncs), over the DALI loader, and its ratio to (2);
 4. the limit: FLOPs and minimum bytes per training image against the device's measured
    matmul rate and copy bandwidth;
 5. accuracy beside speed, from a training run's summary.json.
 
-Every figure: warm-up first (compile, autotune, DALI start), then at least 5 timed repeats
-between synchronisations over distinct batches; the median is reported with min and max.
+Device set-up is train.py's (`setup_env`: cuDNN autotune, TF32, bf16 autocast). Every figure:
+warm-up first (compile, autotune, DALI start), then 5 timed repeats between synchronisations
+over distinct batches; the median is reported with min and max. Each row is written to the
+results files as soon as it is measured.
 """
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import math
@@ -30,10 +36,11 @@ import torch
 import torch.nn.functional as F
 
 from net import build_model, count_macs
-from net.engine import (Config, Env, UserError, bf16_autocast, compile_checked, make_optimizer, make_scheduler, resolve, run_facts,
-                        train_epoch, train_step, write_atomic, write_json)
+from net.engine import (Config, Env, UserError, compile_checked, make_optimizer, make_scheduler, resolve, run_facts,
+                        setup_env, train_epoch, train_step, write_atomic, write_json)
 from net.model import activation_elements
 from pipelines import MEAN, STD, Augment, DataError, load_cifar10, make_loader, synthetic_cifar
+from pipelines.dali import draw_augment
 from pipelines.data import decode_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,15 +105,44 @@ def jpeg_encode(images, quality=75):
 
 # --- 1. pipelines ---------------------------------------------------------------------------
 
-def bench_dali(images, labels, device, batch, timing):
-    loader = make_loader(images, labels, batch_size=batch, train=True, augment=Augment(), device=device,
+def bench_dali(images, labels, device, batch, timing, augment=Augment()):
+    loader = make_loader(images, labels, batch_size=batch, train=True, augment=augment, device=device,
                          dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     it = endless(loader)
     return measure(lambda: next(it), images_per_step=batch, **timing)
 
 
-def torch_gpu_augment(x, aug, gen):
-    """The same three augmentations in plain torch on a GPU-resident uint8 batch (B, 32, 32, 3)."""
+def bench_draws(batch=512, repeats=5, calls=50):
+    """Milliseconds to draw one batch's augmentation parameters with numpy (the loader's callback)."""
+    aug, times = Augment(), []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        for i in range(calls):
+            draw_augment(aug, batch, np.random.default_rng([0, r, 0, i]))  # seeded as the loader seeds it
+        times.append((time.perf_counter() - t0) / calls * 1e3)
+    return {"ms": statistics.median(times), "min": min(times), "max": max(times), "batch": batch}
+
+
+def bench_epoch_start(images, labels, device, batch, repeats=5):
+    """Milliseconds from `iter(loader)` to the first batch: building the pipeline (a new loader's
+    first epoch) and resetting it (every later epoch)."""
+    build, reset = [], []
+    for _ in range(repeats):
+        loader = make_loader(images, labels, batch_size=batch, train=True, device=device,
+                             dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        for times in (build, reset):
+            t0 = time.perf_counter()
+            it = iter(loader)
+            next(it)
+            times.append((time.perf_counter() - t0) * 1e3)
+            for _ in it:  # finish the epoch: only a finished one is reset rather than rebuilt
+                pass
+        assert loader.builds == 1
+    return {"build_ms": statistics.median(build), "reset_ms": statistics.median(reset), "batch": batch}
+
+
+def torch_augment(x, aug, gen):
+    """The same three augmentations in plain torch on a device-resident uint8 batch (B, 32, 32, 3)."""
     b, dev = len(x), x.device
     mean, std = (torch.tensor(v, device=dev).view(1, 3, 1, 1) for v in (MEAN, STD))
     x = (x.permute(0, 3, 1, 2).float() - mean) / std
@@ -130,17 +166,18 @@ def torch_gpu_augment(x, aug, gen):
     return x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
 
 
-def bench_torch_gpu(images, batch, timing):
-    x_all = torch.as_tensor(images).cuda()
-    gen = torch.Generator(device="cuda").manual_seed(0)
+def bench_torch_augment(images, device, batch, timing):
+    """The plain-torch augmenter over a device-resident dataset: DALI's peer on every machine."""
+    x_all = torch.as_tensor(images).to(device)
+    gen = torch.Generator(device=device).manual_seed(0)
     aug, n = Augment(), len(images)
-    perm = torch.randperm(n, device="cuda", generator=gen)
+    perm = torch.randperm(n, device=device, generator=gen)
     state = {"i": 0}
 
     def step():
         i = state["i"] % (n // batch)
         state["i"] += 1
-        torch_gpu_augment(x_all[perm[i * batch:(i + 1) * batch]], aug, gen)
+        torch_augment(x_all[perm[i * batch:(i + 1) * batch]], aug, gen)
 
     return measure(step, images_per_step=batch, **timing)
 
@@ -181,49 +218,58 @@ def bench_albumentations(images, labels, batch, timing):
 # --- 2. model alone, 3. end to end -------------------------------------------------------------
 
 def model_variants(device):
-    """(name, dtype, channels_last, compiled) for this device; the last is what train.py uses."""
+    """{key: (dtype, channels_last, compiled)} for this device; the last is what train.py runs there.
+
+    Each variant gets the inputs training would feed it: the dtype and memory layout of its name.
+    """
     if device == "cuda":
-        return [("eager fp32 NCHW", torch.float32, False, False), ("eager bf16 channels_last", torch.bfloat16, True, False),
-                ("compiled bf16 channels_last", torch.bfloat16, True, True)]
-    return [("eager fp32 NCHW", torch.float32, False, False), ("eager fp32 channels_last", torch.float32, True, False)]
+        return {"eager fp32 NCHW": (torch.float32, False, False),
+                "eager bf16 channels_last": (torch.bfloat16, True, False),
+                "compiled bf16 channels_last": (torch.bfloat16, True, True)}
+    return {"eager fp32 NCHW": (torch.float32, False, False), "eager fp32 channels_last": (torch.float32, True, False)}
 
 
-def prepare_model(cfg, name, dtype, channels_last, compiled):
-    """(model, the recipe's optimizer, Env, name) for one variant; the name says if compile fell back."""
-    env = Env(device=torch.device(cfg.device), dtype=dtype,
-              autocast=bf16_autocast if dtype == torch.bfloat16 else contextlib.nullcontext)
+def prepare_model(cfg, env, key, notes):
+    """(model, Env) for one variant, on the training Env's device settings. The compiled variant
+    goes through the trainer's compile check (once per bench: its graphs serve every later use);
+    a rejected compile is timed eager, and `notes` says so under the variant's key."""
+    dtype, channels_last, compiled = model_variants(cfg.device)[key]
+    variant_env = dataclasses.replace(env, dtype=dtype, autocast=env.autocast if dtype == torch.bfloat16
+                                      else contextlib.nullcontext)
+    torch.manual_seed(cfg.seed)
     model = build_model(dropout=cfg.dropout).to(cfg.device, memory_format=torch.channels_last if channels_last
                                                 else torch.contiguous_format)
-    if compiled:  # as train.py compiles: checked against eager on an eval-sized batch
-        x = torch.randn(cfg.eval_batch_size, 3, 32, 32, device=cfg.device).to(memory_format=torch.channels_last)
-        compiled_model, err = compile_checked(model, x, env, cfg.compile_mode)
-        if compiled_model is model:
-            name += f" (compile disagreed with eager, error {err:.1e}: eager figure)"
-        model = compiled_model
-    return model, make_optimizer(cfg, model), env, name
+    if compiled:
+        check = compile_checked(model, variant_env, eval_batch=cfg.batch_size, train_batch=cfg.batch_size,
+                                mode=cfg.compile_mode)
+        notes[key] = {"compiled": check.compiled, "graphs": check.graphs, "seconds": check.seconds,
+                      "error": check.error, "eager_error": check.eager_error, "note": check.note}
+        model = check.model
+    return model, variant_env
 
 
-def synthetic_batches(device, batch, channels_last, k=4):
+def synthetic_batches(device, batch, dtype, channels_last, k=4):
     """k distinct device-resident batches, cycled: nothing measured from a single cached input."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return [(torch.randn(batch, 3, 32, 32, device=device).to(memory_format=fmt),
+    return [(torch.randn(batch, 3, 32, 32, device=device).to(dtype).contiguous(memory_format=fmt),
              torch.randint(0, 10, (batch,), device=device)) for _ in range(k)]
 
 
-def bench_model(cfg, timing):
-    results = {}
-    for name, dtype, channels_last, compiled in model_variants(cfg.device):
-        model, optimizer, env, name = prepare_model(cfg, name, dtype, channels_last, compiled)
-        batches, i = synthetic_batches(cfg.device, cfg.batch_size, channels_last), [0]
+def bench_model(cfg, env, models, timing, record):
+    """Train step of every variant, then inference of the last (train.py's); `record(key, row)` each as measured."""
+    for key, (dtype, channels_last, _) in model_variants(cfg.device).items():
+        model, variant_env = models[key]
+        optimizer = make_optimizer(cfg, model)
+        batches, i = synthetic_batches(cfg.device, cfg.batch_size, dtype, channels_last), [0]
 
         def step():
             x, y = batches[i[0] % len(batches)]
             i[0] += 1
-            train_step(model, optimizer, x, y, label_smoothing=cfg.label_smoothing, autocast=env.autocast)
+            train_step(model, optimizer, x, y, label_smoothing=cfg.label_smoothing, autocast=variant_env.autocast)
 
-        results[f"train, {name}"] = measure(step, images_per_step=cfg.batch_size, **timing)
-    results[f"inference, {name}"] = bench_inference(model.eval(), env, batches, cfg.batch_size, timing)  # train.py's variant
-    return results
+        record(f"train, {key}", measure(step, images_per_step=cfg.batch_size, **timing))
+    record(f"inference, {key}", bench_inference(model.eval(), variant_env, batches, cfg.batch_size, timing))
+    model.train()
 
 
 @torch.no_grad()
@@ -239,13 +285,13 @@ def bench_inference(model, env, batches, batch, timing):
     return measure(infer, images_per_step=batch, **timing)
 
 
-def bench_end_to_end(cfg, images, labels, timing):
+def bench_end_to_end(cfg, model, env, images, labels, timing):
     """train.py's epoch, timed whole: `train_epoch` over the DALI raw loader, recipe optimizer and schedule.
 
-    One timed repeat is one epoch of `images` (a new DALI pipeline each, as in training).
+    One timed repeat is one epoch of `images` (the pipeline reset between epochs, as in training).
     """
-    model, optimizer, env, name = prepare_model(cfg, *model_variants(cfg.device)[-1])
     model.train()
+    optimizer = make_optimizer(cfg, model)
     loader = make_loader(images, labels, batch_size=cfg.batch_size, train=True, augment=Augment(), device=cfg.device,
                          dtype=env.dtype)
     scheduler = make_scheduler(cfg, optimizer, len(loader))
@@ -256,7 +302,7 @@ def bench_end_to_end(cfg, images, labels, timing):
 
     result = measure(epoch, images_per_step=len(loader) * cfg.batch_size, steps=1, repeats=timing["repeats"],
                      warmup=1, sync=timing["sync"])
-    return {**result, "batch": cfg.batch_size, "images_per_epoch": len(loader) * cfg.batch_size}, name
+    return {**result, "batch": cfg.batch_size, "images_per_epoch": len(loader) * cfg.batch_size}
 
 
 # --- 4. the limit ---------------------------------------------------------------------------
@@ -296,41 +342,69 @@ def accuracy(train_first, data, device):
     return {"run": str(summaries[-1].parent.relative_to(ROOT)), "device": s["device"], "best_acc": s["best_acc"],
             "epochs_run": s["epochs_run"], "epoch_to_target": s["epoch_to_target"],
             "wall_s_to_target": s["wall_s_to_target"], "target_acc": s["target_acc"], "data": s["config"]["data"],
-            "smoke": s["config"]["smoke"]}
+            "smoke": s["config"]["smoke"], "train_images": s.get("train_images"), "test_images": s.get("test_images")}
 
 
 # --- the report -------------------------------------------------------------------------------
 
+def figure(v):
+    """Images/second as a person reads them: thousands separated, small rates with the digits they need."""
+    return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+
+
 def table(results):
+    """The report as Markdown, from whatever `results` holds so far (a bench cut short still reports)."""
     rows = [("stage", "what", "img/s (median)", "min - max", "batch")]
     for stage in ("pipeline", "model"):
         for what, r in results[stage].items():
-            rows.append((stage, what, f"{r['img_per_s']:,.0f}", f"{r['min']:,.0f} - {r['max']:,.0f}", str(r["batch"])))
-    e = results["end_to_end"]
-    rows.append(("end to end", f"train_epoch on DALI raw ({e['model']})", f"{e['img_per_s']:,.0f}",
-                 f"{e['min']:,.0f} - {e['max']:,.0f}", str(e["batch"])))
+            rows.append((stage, what, figure(r["img_per_s"]), f"{figure(r['min'])} - {figure(r['max'])}", str(r["batch"])))
+    e = results.get("end_to_end")
+    if e:
+        rows.append(("end to end", f"train_epoch on DALI raw ({e['model']})", figure(e["img_per_s"]),
+                     f"{figure(e['min'])} - {figure(e['max'])}", str(e["batch"])))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    lim = results["limit"]
-    lines += ["", f"- end to end / the same model variant alone: **{e['ratio_to_model']:.2f}** (the pipeline's and the loop's cost; "
-              f"epochs of {e['images_per_epoch']:,} images, recipe `{results['recipe']}`)",
-              f"- limit: {lim['train_flops_per_image'] / 1e6:,.0f} MFLOP and {lim['train_bytes_per_image'] / 1e6:,.1f} MB "
-              f"per training image; measured {lim['matmul_tflops']:,.2f} TFLOP/s matmul and "
-              f"{lim['copy_gb_per_s']:,.1f} GB/s copy -> floor {lim['floor_img_per_s']:,.0f} img/s "
-              f"(compute {lim['compute_bound_img_per_s']:,.0f}, memory {lim['memory_bound_img_per_s']:,.0f}); "
-              f"end to end reaches **{e['fraction_of_floor']:.1%}** of it",
-              "  (bytes: every conv output saved in forward, read in backward, its gradient written and read, "
-              "at the training dtype, plus the uint8 image)"]
-    acc = results["accuracy"]
-    if acc:
-        reached = (f"{acc['target_acc']:.0%} at epoch {acc['epoch_to_target']} ({acc['wall_s_to_target']:.0f} s)"
-                   if acc["epoch_to_target"] else f"{acc['target_acc']:.0%} not reached")
-        lines.append(f"- accuracy ({acc['run']}, {acc['device']}{', smoke data' if acc['smoke'] else ''}): best "
-                     f"{acc['best_acc']:.2%} in {acc['epochs_run']} epochs; {reached}")
-    else:
-        lines.append("- accuracy: no training run found under runs/ (run `make train`, or `make bench ARGS=--train`)")
+    lines.append("")
+    costs = results["costs"]
+    if "augment draws" in costs:
+        d = costs["augment draws"]
+        lines.append(f"- augmentation parameters drawn with numpy: {d['ms']:.3f} ms per batch of {d['batch']} "
+                     f"({d['min']:.3f} - {d['max']:.3f})")
+    for what, c in costs.items():
+        if what.startswith("epoch start"):
+            lines.append(f"- {what}: {c['build_ms']:.1f} ms to build the pipeline (first epoch), {c['reset_ms']:.1f} ms "
+                         f"to reset it (every later epoch), to the first batch of {c['batch']}")
+    for key, c in results["compile"].items():
+        lines.append(f"- compile check ({key}): " + (
+            f"{c['graphs']} graphs in {c['seconds']:.1f} s; relative error against fp32 eager {c['error']:.2e} "
+            f"(eager at training precision {c['eager_error']:.2e})" if c["compiled"] else c["note"]))
+    if e:
+        lines.append(f"- end to end / the same model variant alone: **{e['ratio_to_model']:.2f}** (the pipeline's and the "
+                     f"loop's cost; epochs of {e['images_per_epoch']:,} images, recipe `{results['recipe']}`)")
+    lim = results.get("limit")
+    if lim and e:
+        lines += [f"- limit: {lim['train_flops_per_image'] / 1e6:,.0f} MFLOP and {lim['train_bytes_per_image'] / 1e6:,.1f} MB "
+                  f"per training image; measured {lim['matmul_tflops']:,.2f} TFLOP/s matmul and "
+                  f"{lim['copy_gb_per_s']:,.1f} GB/s copy -> floor {figure(lim['floor_img_per_s'])} img/s "
+                  f"(compute {figure(lim['compute_bound_img_per_s'])}, memory {figure(lim['memory_bound_img_per_s'])}); "
+                  f"end to end reaches **{e['fraction_of_floor']:.1%}** of it",
+                  "  (bytes: every conv output saved in forward, read in backward, its gradient written and read, "
+                  "at the training dtype, plus the uint8 image)"]
+    if "accuracy" in results:
+        acc = results["accuracy"]
+        if acc:
+            reached = (f"{acc['target_acc']:.0%} at epoch {acc['epoch_to_target']} ({acc['wall_s_to_target']:.0f} s)"
+                       if acc["epoch_to_target"] else f"{acc['target_acc']:.0%} not reached")
+            size = f"{acc['train_images']:,} train / {acc['test_images']:,} test images" if acc["train_images"] \
+                else "data size not recorded"
+            lines.append(f"- accuracy of the newest run ({acc['run']}, {acc['device']}, {size}, {acc['epochs_run']} "
+                         f"epochs{', generated smoke data' if acc['smoke'] else ''}): best {acc['best_acc']:.2%}; {reached}")
+        else:
+            lines.append("- accuracy: no training run found under runs/ (run `make train`, or `make bench ARGS=--train`)")
     lines += [f"- skipped: {k}: {v}" for k, v in results["skipped"].items()]
+    if not results["complete"]:
+        lines.append("- **incomplete**: the bench stopped before the end; the rows above are what it measured")
     lines.append(f"- {results['device']}, torch {results['torch']}, DALI {results['dali']}, commit {results['commit']}, "
                  f"{results['date']}; data: {results['data']}")
     return "\n".join(lines)
@@ -339,11 +413,13 @@ def table(results):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="fewer, smaller steps: a CPU run in under two minutes")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer, smaller steps, results in bench/results/quick/ (git ignores it): a smoke test of the bench")
     parser.add_argument("--data", default="data", help="CIFAR-10 for the pipeline figures (default: data; synthetic if absent)")
     parser.add_argument("--batch-size", type=int, default=None, help="train batch (default: 512 on cuda, 32 on cpu)")
     parser.add_argument("--train", action="store_true", help="run train.py (default recipe) first, for the accuracy row")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for the .json and .md results")
+    parser.add_argument("--out", default=None, help="folder for the .json and .md results (default: bench/results, "
+                        "bench/results/quick with --quick)")
     parser.add_argument("--tensorboard", default=str(ROOT / "bench" / "tensorboard"),
                         help="parent folder of the TensorBoard scalars (kept apart from training runs)")
     args = parser.parse_args(argv)
@@ -351,6 +427,7 @@ def main(argv=None):
         parser.error("--device cuda but CUDA is not available; use --device cpu")
     if args.batch_size is not None and args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    args.out = args.out or str(ROOT / "bench" / "results" / ("quick" if args.quick else ""))
     try:
         return run(args)
     except (UserError, DataError) as e:
@@ -360,8 +437,10 @@ def main(argv=None):
 
 def run(args):
     cpu = args.device == "cpu"
-    # The default recipe, as train.py resolves it on this device, at the bench's batch size.
+    # The default recipe, as train.py resolves it on this device, at the bench's batch size, with
+    # train.py's device set-up (cuDNN autotune, TF32, bf16 autocast on CUDA).
     cfg = resolve(Config(device=args.device, batch_size=args.batch_size or (32 if cpu else 512)))
+    env = setup_env(cfg)
     timing = dict(repeats=5, warmup=(1 if args.quick else 2) if cpu else 10,
                   steps=(1 if args.quick else 3) if cpu else (10 if args.quick else 50),
                   sync=torch.cuda.synchronize if not cpu else (lambda: None))
@@ -377,42 +456,60 @@ def run(args):
     # End to end on CPU: a few steps' worth of images per epoch (a whole one takes 20 minutes there).
     e2e_images = len(labels) if not cpu and not args.quick else cfg.batch_size * timing["steps"]
     print(f"bench on {args.device}: {what}", flush=True)
-    facts = run_facts(Env(device=torch.device(args.device)))
+    facts = run_facts(env)
     if cpu:
         facts["device"] = f"cpu ({os.cpu_count()} cores)"
     results = {**facts, "date": datetime.date.today().isoformat(), "quick": args.quick, "data": what,
-               "recipe": cfg.recipe, "pipeline": {}, "model": {}, "skipped": {}}
+               "recipe": cfg.recipe, "complete": False, "pipeline": {}, "costs": {}, "model": {}, "compile": {},
+               "skipped": {}}
+    out = Path(args.out)
+    stem = out / f"{results['date']}-{args.device}{'-quick' if args.quick else ''}"
+
+    def save():  # after every row: a bench that fails or is killed keeps what it measured
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(results, stem.with_suffix(".json"))
+        write_atomic(stem.with_suffix(".md"), lambda tmp: Path(tmp).write_text(table(results) + "\n"))
+
+    def record(section, key, row):
+        results[section][key] = row
+        print(f"  {key}: " + (f"{figure(row['img_per_s'])} img/s" if "img_per_s" in row else
+                              ", ".join(f"{k} {v:.3g}" for k, v in row.items() if isinstance(v, float))), flush=True)
+        save()
+
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    record("costs", "augment draws", bench_draws())
     for dev in ["cpu"] if cpu else ["cuda", "cpu"]:
         print(f"pipelines on {dev} ...", flush=True)
-        results["pipeline"][f"DALI raw, {dev}"] = bench_dali(images, labels, dev, pipe_batch, pipe_timing)
-        results["pipeline"][f"DALI encoded (decode), {dev}"] = bench_dali(blobs, labels[:len(blobs)], dev, pipe_batch, pipe_timing)
-    if not cpu:
-        results["pipeline"]["plain torch, cuda"] = bench_torch_gpu(images, pipe_batch, pipe_timing)
-    else:
-        results["skipped"]["plain torch GPU augmenter"] = "needs CUDA"
+        record("pipeline", f"DALI raw, {dev}", bench_dali(images, labels, dev, pipe_batch, pipe_timing))
+        record("pipeline", f"DALI raw, no augmentation, {dev}",
+               bench_dali(images, labels, dev, pipe_batch, pipe_timing, augment=None))
+        record("pipeline", f"DALI encoded (decode), {dev}",
+               bench_dali(blobs, labels[:len(blobs)], dev, pipe_batch, pipe_timing))
+        record("costs", f"epoch start, DALI raw, {dev}", bench_epoch_start(images[:4 * pipe_batch], labels[:4 * pipe_batch],
+                                                                          dev, pipe_batch))
+        record("pipeline", f"plain torch, {dev}", bench_torch_augment(images, dev, pipe_batch, pipe_timing))
     try:
-        results["pipeline"][f"Albumentations DataLoader, {os.cpu_count()} workers"] = bench_albumentations(
-            images, labels, pipe_batch, pipe_timing)
+        record("pipeline", f"Albumentations DataLoader, {os.cpu_count()} workers",
+               bench_albumentations(images, labels, pipe_batch, pipe_timing))
     except ImportError:
         results["skipped"]["Albumentations loader"] = "not installed (pip install -e '.[baseline]')"
 
     print("model ...", flush=True)
-    results["model"] = bench_model(cfg, timing)
+    models = {key: prepare_model(cfg, env, key, results["compile"]) for key in model_variants(cfg.device)}
+    bench_model(cfg, env, models, timing, lambda key, row: record("model", key, row))
     print("end to end ...", flush=True)
-    e2e, model_name = bench_end_to_end(cfg, images[:e2e_images], labels[:e2e_images], timing)
-    same_model = results["model"][f"train, {model_name}"]["img_per_s"]  # the variant train.py runs, step alone
+    trainer_key = list(model_variants(cfg.device))[-1]  # the variant train.py runs, compile check and all
+    e2e = bench_end_to_end(cfg, *models[trainer_key], images[:e2e_images], labels[:e2e_images], timing)
     results["limit"] = bench_limit(args.device, 2 if not cpu else 4, timing["sync"], args.quick)
-    results["end_to_end"] = {**e2e, "model": model_name, "ratio_to_model": e2e["img_per_s"] / same_model,
+    same_model = results["model"][f"train, {trainer_key}"]["img_per_s"]  # the same variant, step alone
+    results["end_to_end"] = {**e2e, "model": trainer_key, "ratio_to_model": e2e["img_per_s"] / same_model,
                              "fraction_of_floor": e2e["img_per_s"] / results["limit"]["floor_img_per_s"]}
+    save()
     results["accuracy"] = accuracy(args.train, args.data, args.device)
-
-    report = table(results)
-    print("\n" + report)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{results['date']}-{args.device}{'-quick' if args.quick else ''}"
-    write_json(results, stem.with_suffix(".json"))
-    write_atomic(stem.with_suffix(".md"), lambda tmp: Path(tmp).write_text(report + "\n"))
+    results["complete"] = True
+    save()
+    print("\n" + table(results))
     write_tensorboard(results, Path(args.tensorboard) / stem.name)
     print(f"\nwrote {stem}.json, {stem}.md and TensorBoard scalars in {Path(args.tensorboard) / stem.name}")
     return 0

@@ -4,9 +4,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
-from bench.bench import measure, torch_gpu_augment
+from bench import bench
+from bench.bench import measure, torch_augment
+from net.engine import CompileCheck
 from pipelines import MEAN, STD, Augment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,24 +23,59 @@ def numbers(d):
             yield v
 
 
-def test_quick_cpu_bench_writes_every_figure(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--device", "cpu", "--data", str(tmp_path / "none"),
-                        "--out", str(tmp_path / "results"), "--tensorboard", str(tmp_path / "tb")],
-                       capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+def rejecting_compile_check(model, env, **kwargs):
+    return CompileCheck(model, compiled=False, note="the compiled model disagrees with eager; training eager")
+
+
+def test_quick_cpu_bench_writes_every_figure(tmp_path, monkeypatch, capsys):
+    # One more variant, compiled: its compile check rejects it, and the bench goes on with it eager.
+    variants = {**bench.model_variants("cpu"), "compiled fp32 channels_last": (torch.float32, True, True)}
+    monkeypatch.setattr(bench, "model_variants", lambda device: variants)
+    monkeypatch.setattr(bench, "compile_checked", rejecting_compile_check)
+    code = bench.main(["--quick", "--device", "cpu", "--batch-size", "8", "--data", str(tmp_path / "none"),
+                       "--out", str(tmp_path / "results"), "--tensorboard", str(tmp_path / "tb")])
+    assert code == 0
     [result] = (tmp_path / "results").glob("*-cpu-quick.json")
     res = json.loads(result.read_text())
-    assert (tmp_path / "results" / result.name.replace(".json", ".md")).exists()
-    assert {"DALI raw, cpu", "DALI encoded (decode), cpu"} <= set(res["pipeline"])
-    assert {"train, eager fp32 NCHW", "train, eager fp32 channels_last"} <= set(res["model"])
-    for section in ("pipeline", "model", "end_to_end", "limit"):
+    report = (tmp_path / "results" / result.name.replace(".json", ".md")).read_text()
+    assert res["complete"] and {"DALI raw, cpu", "DALI raw, no augmentation, cpu", "DALI encoded (decode), cpu",
+                                "plain torch, cpu"} <= set(res["pipeline"])
+    assert {"train, eager fp32 NCHW", "train, eager fp32 channels_last", "train, compiled fp32 channels_last",
+            "inference, compiled fp32 channels_last"} <= set(res["model"])
+    assert res["compile"]["compiled fp32 channels_last"]["compiled"] is False and "disagrees" in report
+    assert res["end_to_end"]["model"] == "compiled fp32 channels_last"
+    assert 0 < res["costs"]["augment draws"]["ms"] < 50 and res["costs"]["epoch start, DALI raw, cpu"]["reset_ms"] > 0
+    for section in ("pipeline", "model", "end_to_end", "limit", "costs"):
         values = list(numbers(res[section]))
         assert values and all(v > 0 for v in values), section
     best_model = max(v["img_per_s"] for k, v in res["model"].items() if k.startswith("train"))
     assert res["end_to_end"]["img_per_s"] <= 1.3 * best_model  # the pipeline cannot make training faster
     assert res["limit"]["floor_img_per_s"] > res["end_to_end"]["img_per_s"]
-    assert "| end to end |" in r.stdout and "synthetic" in res["data"]
+    assert "| end to end |" in capsys.readouterr().out and "synthetic" in res["data"]
     assert list((tmp_path / "tb").iterdir())  # TensorBoard scalars
+    assert "| 0 " not in report  # small rates keep their digits
+
+
+def test_a_bench_that_fails_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    calls = []
+
+    def dali_then_failure(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("the machine went away")
+        return {"img_per_s": 1234.0, "min": 1000.0, "max": 1500.0, "repeats": 5, "batch": 256}
+
+    monkeypatch.setattr(bench, "bench_dali", dali_then_failure)
+    with pytest.raises(RuntimeError, match="went away"):
+        bench.main(["--quick", "--device", "cpu", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "results")])
+    [result] = (tmp_path / "results").glob("*.json")
+    res = json.loads(result.read_text())
+    assert not res["complete"] and list(res["pipeline"]) == ["DALI raw, cpu"] and "augment draws" in res["costs"]
+    assert "**incomplete**" in result.with_suffix(".md").read_text()
+
+
+def test_figures_keep_the_digits_they_need():
+    assert [bench.figure(v) for v in (0.5, 12.34, 99.96, 1234.5)] == ["0.5", "12.3", "100", "1,234"]
 
 
 def test_data_smaller_than_a_batch_is_one_line(image_tree, tmp_path):
@@ -59,10 +97,22 @@ def test_plain_torch_augmenter_matches_the_recipe():
     x = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8)
     gen = torch.Generator().manual_seed(0)
     ref = (x.permute(0, 3, 1, 2).float() - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
-    none = torch_gpu_augment(x, Augment(flip_p=0, ssr_p=0, cutout_p=0), gen).float()
+    none = torch_augment(x, Augment(flip_p=0, ssr_p=0, cutout_p=0), gen).float()
     torch.testing.assert_close(none, ref, atol=0.02, rtol=0.01)  # bf16 output
-    flipped = torch_gpu_augment(x, Augment(flip_p=1, ssr_p=0, cutout_p=0), gen).float()
+    flipped = torch_augment(x, Augment(flip_p=1, ssr_p=0, cutout_p=0), gen).float()
     torch.testing.assert_close(flipped, ref.flip(3), atol=0.02, rtol=0.01)
-    cut = torch_gpu_augment(x, Augment(flip_p=0, ssr_p=0, cutout_p=1), gen).float()
+    cut = torch_augment(x, Augment(flip_p=0, ssr_p=0, cutout_p=1), gen).float()
     holes = (cut == 0).all(1).sum(dim=(1, 2)).numpy()
     assert holes.max() == 256 and np.all(holes > 0)  # 16x16 at most, clipped at the borders
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_quick_cuda_bench_exits_0(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--device", "cuda", "--data", str(tmp_path / "none"),
+                        "--out", str(tmp_path / "results"), "--tensorboard", str(tmp_path / "tb")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    [result] = (tmp_path / "results").glob("*-cuda-quick.json")
+    res = json.loads(result.read_text())
+    assert res["complete"] and {"DALI raw, cuda", "plain torch, cuda"} <= set(res["pipeline"])
+    assert res["compile"]["compiled bf16 channels_last"]["graphs"] == 2
