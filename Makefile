@@ -1,23 +1,47 @@
 # Every target the README names. `make test` and `make train` install first when needed.
+#
+# Two ways to install, chosen once:
+# - PYTHON (default python3) already imports torch, as on a GPU box or a cluster image, often
+#   with no package registry: use that Python as it is, with the torch built for its CUDA, and
+#   download nothing unless a dependency is missing (then only that one, with pip).
+# - Otherwise: `.venv`, with the small CPU wheel of torch when there is no NVIDIA driver (PyPI's
+#   default Linux wheel is a multi-GB CUDA build) and PyPI's CUDA wheel when there is one.
+#   Override with `make install TORCH=...`.
+PYTHON ?= python3
+ifeq ($(wildcard .venv/.installed),)
+HAVE_TORCH := $(shell $(PYTHON) -c "import torch" 2>/dev/null && echo yes)
+endif
+ifeq ($(HAVE_TORCH),yes)
+PY    := $(PYTHON)
+STAMP := .deps-checked
+else
 PY    := .venv/bin/python
 STAMP := .venv/.installed
+endif
+# import name:package, for the check of an existing Python
+DEPS := torch:torch nvidia.dali:nvidia-dali-cuda120 numpy:numpy torchsummary:torchsummary \
+        tensorboard:tensorboard tqdm:tqdm PIL:pillow pytest:pytest
 
-# No NVIDIA driver: the small CPU wheel of torch (PyPI's default Linux wheel is a multi-GB
-# CUDA build). With one: PyPI's CUDA wheel. Override with `make install TORCH=...`.
 ifeq ($(shell command -v nvidia-smi 2>/dev/null),)
 TORCH ?= torch==2.13.0 --retries 0 --extra-index-url https://download.pytorch.org/whl/cpu
 else
 TORCH ?= torch
 endif
 
-.PHONY: install test train smoke bench data tensorboard clean
+.PHONY: install test train smoke bench data tensorboard gpu-check clean
 
 install: $(STAMP)
-$(STAMP): pyproject.toml
+.venv/.installed: pyproject.toml
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install $(TORCH)
 	$(PY) -m pip install -e '.[test]'
+	touch $@
+.deps-checked: pyproject.toml
+	@missing=""; for d in $(DEPS); do $(PY) -c "import $${d%%:*}" 2>/dev/null || missing="$$missing $${d##*:}"; done; \
+	echo "using $(PY) as it is (torch $$($(PY) -c 'import torch; print(torch.__version__)'))"; \
+	if [ -n "$$missing" ]; then echo "installing what it lacks:$$missing"; $(PY) -m pip install $$missing || exit 1; \
+	else echo "every dependency is there: nothing to install"; fi
 	touch $@
 
 test: $(STAMP)
@@ -40,8 +64,14 @@ data: $(STAMP)
 # Training curves by default; the bench's scalars with `make tensorboard LOGDIR=bench/tensorboard`.
 LOGDIR ?= runs
 tensorboard: $(STAMP)
-	.venv/bin/tensorboard --logdir $(LOGDIR) $(ARGS)
+	$(PY) -m tensorboard.main --logdir $(LOGDIR) $(ARGS)
+
+# On a CUDA machine: the CUDA tests, GPU pipeline and compile figures, then the bench, in one
+# report under OUT (default gpu-check/). Without CUDA it says so and stops.
+OUT ?= gpu-check
+gpu-check: $(STAMP)
+	$(PY) -m bench.gpu_check --out $(OUT) $(ARGS)
 
 clean:  # the environment and caches; data/ and runs/ hold results and stay
-	rm -rf .venv .pytest_cache build *.egg-info
+	rm -rf .venv .deps-checked .pytest_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,19 +1,37 @@
 """Tiny CIFAR-10 copies in each official format, written by the tests themselves.
 
 Every fixture holds the same pixels (seeded), so a test can check a round trip pixel-exactly.
+Tests marked `@pytest.mark.cuda` skip without CUDA; `make gpu-check` runs exactly those.
 """
 import io
+import os
 import pickle
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipelines.data import BINARY, CLASSES, PYTHON, synthetic_cifar
 
-SHARED_JPEG = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+# The JPEG copy of CIFAR-10 beside the project's own checkouts; CIFAR10_JPEG points elsewhere (a GPU box).
+SHARED_JPEG = Path(os.environ.get("CIFAR10_JPEG",
+                                  Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one; `make gpu-check` runs them)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
 N_PER_SPLIT = {"train": 40, "test": 20}  # 4 and 2 images of each class
 
 
@@ -96,5 +114,5 @@ def jpeg_tree(tmp_path):
 @pytest.fixture(scope="session")
 def shared_jpeg():
     if not SHARED_JPEG.exists():
-        pytest.skip(f"{SHARED_JPEG} not present (only in the project's own checkouts)")
+        pytest.skip("the CIFAR-10 JPEG copy (../shared/data) is only in the project's own checkouts")
     return SHARED_JPEG

@@ -106,7 +106,7 @@ def test_plain_torch_augmenter_matches_the_recipe():
     assert holes.max() == 256 and np.all(holes > 0)  # 16x16 at most, clipped at the borders
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_quick_cuda_bench_exits_0(tmp_path):
     r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--device", "cuda", "--data", str(tmp_path / "none"),
                         "--out", str(tmp_path / "results"), "--tensorboard", str(tmp_path / "tb")],

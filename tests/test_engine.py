@@ -19,7 +19,6 @@ from pipelines import make_loader, synthetic_cifar
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = Env(device=torch.device("cpu"))
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def smoke_setup(n=64, batch=16, **overrides):
@@ -215,7 +214,7 @@ def test_a_compiled_training_step_that_is_not_finite_means_eager():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-@cuda
+@pytest.mark.cuda
 def test_compile_check_on_cuda_builds_exactly_the_two_graphs_and_accepts_inductor():
     env = setup_env(resolve(Config(device="cuda")))
     model = build_model().to(env.device, memory_format=torch.channels_last)
@@ -242,7 +241,7 @@ class SyncGuarded:
             torch.cuda.set_sync_debug_mode("default")
 
 
-@cuda
+@pytest.mark.cuda
 def test_train_epoch_does_not_sync_the_host_between_log_steps():
     cfg = resolve(Config(device="cuda", batch_size=64, log_every=1000))  # log steps: the first and the last
     env = setup_env(cfg)

@@ -12,7 +12,6 @@ from pipelines.dali import draw_augment
 
 MEAN, STD = np.array(CIFAR_MEAN, np.float32), np.array(CIFAR_STD, np.float32)
 NONE = dict(flip_p=0.0, ssr_p=0.0, cutout_p=0.0)
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def random_images(n, seed=0):
@@ -307,7 +306,7 @@ def test_cuda_requested_without_cuda():
 
 # --- GPU (skipped without CUDA) --------------------------------------------------------------------
 
-@cuda
+@pytest.mark.cuda
 def test_gpu_augmentation_matches_cpu_with_the_same_seed():
     images = random_images(512)
     every = Augment(flip_p=0.5, ssr_p=1.0, cutout_p=1.0)  # every augmentation on
@@ -317,7 +316,7 @@ def test_gpu_augmentation_matches_cpu_with_the_same_seed():
     assert diff.mean() < 1e-3 and (diff > 1e-2).mean() < 1e-3
 
 
-@cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_batches_are_channels_last_in_the_model_dtype(dtype):
     loader = make_loader(random_images(256), np.arange(256), batch_size=64, train=True, device="cuda", dtype=dtype)
@@ -326,7 +325,7 @@ def test_gpu_batches_are_channels_last_in_the_model_dtype(dtype):
     assert x.is_contiguous(memory_format=torch.channels_last)
 
 
-@cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_handoff_survives_a_lagging_torch_stream(dtype):
     """DALI runs ahead while torch's stream is busy: no batch may change under torch's feet."""
@@ -355,7 +354,7 @@ def test_handoff_survives_a_lagging_torch_stream(dtype):
             torch.testing.assert_close(sums, ref_sums, rtol=0, atol=1e-3)
 
 
-@cuda
+@pytest.mark.cuda
 def test_gpu_raw_source_matches_cpu():
     images = random_images(256)
     gpu = run(images, Augment(**NONE), device="cuda", batch_size=64)
@@ -364,7 +363,7 @@ def test_gpu_raw_source_matches_cpu():
     assert x.is_cuda and x.is_contiguous(memory_format=torch.channels_last)
 
 
-@cuda
+@pytest.mark.cuda
 def test_gpu_nvjpeg_decode_matches_cpu_decode(jpeg_tree):
     blobs, labels = load_cifar10(jpeg_tree, "test", encoded=True)
     kw = dict(batch_size=8, train=False, mean=(0, 0, 0), std=(1, 1, 1))
@@ -373,7 +372,7 @@ def test_gpu_nvjpeg_decode_matches_cpu_decode(jpeg_tree):
     assert (gpu - cpu).abs().max() <= 8 and (gpu - cpu).abs().mean() < 1.0
 
 
-@cuda
+@pytest.mark.cuda
 def test_gpu_nvjpeg_decode_of_real_cifar_jpegs_within_one_grey_level(shared_jpeg):
     blobs, labels = load_cifar10(shared_jpeg, "test", encoded=True)
     blobs, labels = blobs[:2000], labels[:2000]

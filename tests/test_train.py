@@ -360,7 +360,7 @@ def test_two_ranks_stress_under_cpu_load(tmp_path):
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_smoke_on_cuda_then_resume(tmp_path):
     r = train(*TINY, "--device", "cuda", "--runs", tmp_path, "--name", "gpu")
     assert r.returncode == 0, r.stderr[-3000:]
