@@ -38,11 +38,24 @@ install: $(STAMP)
 	$(PY) -m pip install -e '.[test]'
 	touch $@
 .deps-checked: pyproject.toml
-	@missing=""; for d in $(DEPS); do $(PY) -c "import $${d%%:*}" 2>/dev/null || missing="$$missing $${d##*:}"; done; \
+	@missing=$$($(PY) -c "$$MISSING" $(DEPS)); \
 	echo "using $(PY) as it is (torch $$($(PY) -c 'import torch; print(torch.__version__)'))"; \
-	if [ -n "$$missing" ]; then echo "installing what it lacks:$$missing"; $(PY) -m pip install $$missing || exit 1; \
+	if [ -n "$$missing" ]; then echo "installing what it lacks: $$missing"; $(PY) -m pip install $$missing || exit 1; \
 	else echo "every dependency is there: nothing to install"; fi
 	touch $@
+# The packages among DEPS whose module does not import (one process: torch is imported once).
+define MISSING
+import importlib, sys
+missing = []
+for dep in sys.argv[1:]:
+    module, package = dep.split(":")
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        missing.append(package)
+print(" ".join(missing))
+endef
+export MISSING
 
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)
