@@ -14,7 +14,9 @@ import gc
 import json
 import math
 import os
+import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 from net import build_model, count_params
-from net.engine import (CompileCheck, Config, NonFiniteLoss, StopSignal, UserError, compile_checked, evaluate, load_checkpoint,
-                        make_optimizer, make_scheduler, resolve, run_facts, save_checkpoint, setup_env, total_steps,
+from net.engine import (RECIPES, CompileCheck, Config, NonFiniteLoss, StopSignal, UserError, compile_checked, evaluate, load_checkpoint,
+                        make_optimizer, make_scheduler, reestimate_batchnorm, resolve, run_facts, save_checkpoint, setup_env, total_steps,
                         train_epoch, warmup_steps, write_json)
 from net.model import train_memory_bytes
 from pipelines import CLASSES, Augment, DataError, load_cifar10, make_loader, subset, synthetic_cifar
@@ -32,7 +34,7 @@ from pipelines.data import decode_image
 from pipelines.preview import one_per_class
 
 # What a resumed run may change: how long it goes on, and how (not what) it computes.
-RESUME_MAY_CHANGE = ("epochs", "max_steps", "log_every", "device", "compile", "compile_mode")
+RESUME_MAY_CHANGE = ("epochs", "max_steps", "log_every", "device", "compile", "compile_mode", "threads")
 
 
 # --- configuration: the flags, or a resumed run's saved settings --------------------------------
@@ -59,11 +61,12 @@ def parse_config(argv=None):
         raise UserError(f"{run_dir / 'last.pt'} was written by an older train.py; start a new run without --resume")
     saved = Config(**{**ckpt["config"], "resume": str(run_dir), "runs": str(run_dir.parent), "name": run_dir.name})
     changed = {k: v for k, v in given.items() if getattr(saved, k) != v}
-    for key in changed:
-        if key not in RESUME_MAY_CHANGE:
-            raise UserError(f"--{key.replace('_', '-')} {changed[key]} differs from the run's {getattr(saved, key)}; a resumed "
-                            f"run keeps its settings but {', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE)}: "
-                            f"drop the flag, or start a new run")
+    refused = [f"--{k.replace('_', '-')} {v} (the run has {getattr(saved, k)})" for k, v in changed.items()
+               if k not in RESUME_MAY_CHANGE]
+    if refused:
+        raise UserError(f"{', '.join(refused)}: a resumed run keeps its settings but "
+                        f"{', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE)}; drop "
+                        f"{'that flag' if len(refused) == 1 else 'those flags'}, or start a new run")
     for key in ("epochs", "max_steps"):  # a shorter run would cut its schedule short
         if key in changed and (getattr(saved, key) is None or changed[key] < getattr(saved, key)):
             raise UserError(f"--{key.replace('_', '-')} {changed[key]} would shorten the run (it has "
@@ -95,13 +98,20 @@ def check_config(cfg):
         raise UserError("--device cuda but CUDA is not available; use --device cpu")
     if not cfg.smoke and not Path(cfg.data).exists():
         raise UserError(f"--data {cfg.data} does not exist; run `make data` (or `make data SRC=/path/to/copy`)")
+    if cfg.limit_train is not None and cfg.limit_train < cfg.batch_size:  # known now: say it before a long load
+        raise UserError(f"--limit-train {cfg.limit_train} is fewer images than one batch of {cfg.batch_size}; raise "
+                        f"--limit-train or lower --batch-size")
     run_dir = Path(cfg.runs) / cfg.name
     if not cfg.resume and (run_dir / "last.pt").exists():
         raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --name")
-    existing = next(p for p in [run_dir, *run_dir.parents] if p.exists())  # made only when training starts
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    existing = next(p for p in [run_dir, *run_dir.parents] if p.exists())  # the run folder is made only when training starts
+    try:  # permission bits do not tell (root, read-only mounts, /proc): create a probe and remove it
+        if not existing.is_dir():
+            raise NotADirectoryError(existing)
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".probe-"))
+    except OSError:
         raise UserError(f"cannot write the run folder {run_dir} ({existing} is not a writable folder); "
-                        f"pick another --runs or --name")
+                        f"pick another --runs or --name") from None
 
 
 # --- data: each split loaded once ---------------------------------------------------------------
@@ -121,12 +131,13 @@ def grid_sample(images, labels, seed):
 
 
 def make_loaders(cfg, env, train, test):
-    common = dict(device=env.device, seed=cfg.seed, shard_id=env.rank, num_shards=env.world, dtype=env.dtype)
-    try:
-        return (make_loader(*train, batch_size=cfg.batch_size // env.world, train=True, augment=Augment(), **common),
-                make_loader(*test, batch_size=cfg.eval_batch_size, train=False, **common))
-    except ValueError as e:
-        raise UserError(f"{e}: lower --batch-size, or train on more images") from None
+    if len(train[1]) // env.world < cfg.batch_size // env.world:
+        raise UserError(f"{cfg.data} has {len(train[1])} train images, fewer than one batch of {cfg.batch_size} per "
+                        f"step; lower --batch-size, or train on more images")
+    common = dict(device=env.device, seed=cfg.seed, shard_id=env.rank, num_shards=env.world, dtype=env.dtype,
+                  num_threads=env.dali_threads)
+    return (make_loader(*train, batch_size=cfg.batch_size // env.world, train=True, augment=Augment(), **common),
+            make_loader(*test, batch_size=cfg.eval_batch_size, train=False, **common))
 
 
 # --- model, optimizer, schedule and run state: fresh, or as saved -------------------------------
@@ -180,12 +191,14 @@ def main(argv=None):
     fast_model = check.model
     train_model = torch.nn.parallel.DistributedDataParallel(fast_model) if env.ddp else fast_model
 
+    total = total_steps(cfg, steps_per_epoch)
+    recalibrate, short = short_run(cfg, env, model, train, total)
+
     run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no folder
     stop.arm()  # from here a stop saves where it is
-    log.start(run_dir, model, steps_per_epoch, state, notes, check, sizes=(len(train[1]), len(test[1])))
+    log.start(run_dir, model, steps_per_epoch, state, notes + [short], check, sizes=(len(train[1]), len(test[1])))
     if not ckpt:
         log.augmentations(*grid_sample(*test, cfg.seed))
-    total = total_steps(cfg, steps_per_epoch)
     for epoch in range(state["epoch"], math.ceil(total / steps_per_epoch)):  # 5. the epochs
         start = state["step_in_epoch"]
         train_loader.set_epoch(epoch, skip=start)
@@ -202,7 +215,7 @@ def main(argv=None):
             if env.master:
                 checkpoint(run_dir / "last.pt", model, optimizer, scheduler, state, cfg, env)
             return log.stopped(stop, f"epoch {epoch + 1}, step {part['end']}")
-        row, confusion, improved = finish_epoch(cfg, env, fast_model, test_loader, scheduler, state, epoch)
+        row, confusion, improved = finish_epoch(cfg, env, fast_model, test_loader, scheduler, state, epoch, recalibrate)
         if env.master:
             checkpoint(run_dir / "last.pt", model, optimizer, scheduler, state, cfg, env)
             if improved:
@@ -212,6 +225,31 @@ def main(argv=None):
             return log.stopped(stop, f"the end of epoch {epoch + 1}")
     log.finish(confusion)
     return 0
+
+
+SHORT = 500  # steps: fewer, and BatchNorm's running averages (momentum 0.1) lag the still fast-moving weights
+
+
+def short_run(cfg, env, model, train, total):
+    """(BatchNorm re-estimation before each evaluation or None, a note or None) for a run of `total` steps.
+
+    `--bn-reestimate` is resolved here, where the run's length is known, and saved with the config."""
+    if cfg.bn_reestimate is None:
+        cfg.bn_reestimate = 1000 if total < SHORT else 0
+    recalibrate = None
+    if cfg.bn_reestimate:
+        n = min(cfg.bn_reestimate, len(train[1]))
+        loader = make_loader(*subset(*train, n, seed=cfg.seed), batch_size=min(cfg.batch_size // env.world, n), train=False,
+                             device=env.device, shard_id=env.rank, num_shards=env.world, dtype=env.dtype,
+                             num_threads=env.dali_threads)
+        recalibrate = lambda: reestimate_batchnorm(model, loader, env)  # noqa: E731 (the eager model: no new graph)
+    if total >= SHORT:
+        return recalibrate, None
+    planned = RECIPES[cfg.recipe]["epochs"] * (50_000 // RECIPES[cfg.recipe]["batch_size"])
+    return recalibrate, (f"a short run ({plural(total, 'step')}; the `{cfg.recipe}` recipe plans {planned:,} on the full "
+                         f"train set): expect far less than its accuracy"
+                         + (f". BatchNorm statistics are re-estimated on {n:,} train images before each evaluation "
+                            f"(--bn-reestimate 0 turns that off)" if recalibrate else ""))
 
 
 def run_complete(cfg, state):
@@ -229,16 +267,19 @@ def add_part(state, part, start, first_step):
     state["wall_s"] += part["seconds"]  # time to accuracy counts every part of every epoch
 
 
-def finish_epoch(cfg, env, model, test_loader, scheduler, state, epoch):
-    """Reduce the epoch's totals over ranks, evaluate, step a per-epoch schedule: (row, confusion, improved)."""
+def finish_epoch(cfg, env, model, test_loader, scheduler, state, epoch, recalibrate=None):
+    """Reduce the epoch's totals over ranks, [re-estimate BatchNorm,] evaluate, step a per-epoch schedule:
+    (row, confusion, improved)."""
     p = state["partial"]
     totals = torch.tensor([p["loss_sum"], p["correct"], p["images"]], dtype=torch.float64, device=env.device)
+    t_eval = time.perf_counter()
+    if recalibrate:
+        recalibrate()
     if env.ddp:
         dist.all_reduce(totals)
         for b in model.buffers():  # evaluate every rank with rank 0's BatchNorm statistics
             dist.broadcast(b, 0)
     loss_sum, correct, images = totals.tolist()  # sync: once per epoch
-    t_eval = time.perf_counter()
     test_loss, test_acc, confusion = evaluate(model, test_loader, env)
     if cfg.schedule == "plateau":
         scheduler.step(test_loss)
@@ -270,6 +311,13 @@ def assert_ranks_agree(model):
 
 # --- what a person sees: console, progress bar, TensorBoard, summary.json (rank 0 only) ---------
 
+# TensorBoard tags. Its dashboard groups them by the part before "/", in alphabetical order: the
+# curves (accuracy, loss, lr) come first, then the pictures, the per-class results and the speeds.
+STEP_TAGS = {"loss": "loss/train_step", "acc": "accuracy/train_step", "lr": "lr/step", "img_per_s": "throughput/step_img_per_s"}
+EPOCH_TAGS = {"train_loss": "loss/train", "test_loss": "loss/test", "train_acc": "accuracy/train", "test_acc": "accuracy/test",
+              "lr": "lr/epoch", "img_per_s": "throughput/train_img_per_s", "epoch_s": "time/epoch_s"}
+
+
 class Logger:
     """Everything a person sees, from rank 0: console lines, the progress bar, TensorBoard, summary.json."""
 
@@ -297,18 +345,21 @@ class Logger:
               f"{steps_per_epoch} steps/epoch of {cfg.batch_size}, {self.total} steps in all"
               + (f", compiled {check.graphs} graphs in {check.seconds:.0f} s (error against fp32 {check.error:.1e}, "
                  f"eager bf16 {check.eager_error:.1e})" if check.compiled else ""))
+        print(f"threads: torch {env.threads}, DALI {env.dali_threads} ({env.threads_why})")
         notes = notes + [check.note]
         for note in notes + [warmup_steps(cfg, steps_per_epoch)[1]]:
             if note:
                 print(f"note: {note}")
         epochs = math.ceil(self.total / steps_per_epoch) - state["epoch"]
-        print(f"training {epochs} epochs, {self.total - state['step']} steps; run folder {run_dir}", flush=True)
+        print(f"training {plural(epochs, 'epoch')}, {plural(self.total - state['step'], 'step')}; run folder {run_dir}",
+              flush=True)
         self.bar = tqdm(total=self.total, initial=state["step"], unit="step", dynamic_ncols=True, leave=False)
 
     def augmentations(self, images, names):
         from pipelines.preview import augment_grid
 
-        self.writer.add_image("augmentations", augment_grid(images, names=names, draws=6, zoom=3), dataformats="HWC")
+        self.writer.add_image("pictures/augmentations", augment_grid(images, names=names, draws=6, zoom=3),
+                              dataformats="HWC")
 
     def step(self, epoch, step, m):
         """At log steps: the bar, per-step TensorBoard scalars, and on CPU one notice of the cost."""
@@ -316,7 +367,7 @@ class Logger:
         self.bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['acc']:.1%}", img_s=f"{m['img_per_s']:,.0f}", refresh=False)
         self.bar.update(step + 1 - self.bar.n)
         for key, value in m.items():
-            self.writer.add_scalar(f"step/{key}", value, step + 1)
+            self.writer.add_scalar(STEP_TAGS[key], value, step + 1)
         self.logs += 1
         if self.logs == 2 and self.env.device.type == "cpu":  # the 2nd log: past the first step's start-up
             self.cost_notice(m["img_per_s"], step)
@@ -329,10 +380,9 @@ class Logger:
                            f"--max-steps 100, and for less memory a smaller --batch-size (scale --lr with it)")
 
     def epoch(self, row):
-        for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
-            self.writer.add_scalar(key.replace("_", "/", 1), row[key], row["epoch"])
-        self.writer.add_scalar("throughput/train_img_per_s", row["img_per_s"], row["epoch"])
-        self.writer.add_scalar("time/epoch_s", row["epoch_s"], row["epoch"])
+        for key, tag in EPOCH_TAGS.items():
+            self.writer.add_scalar(tag, row[key], row["epoch"])
+        self.writer.add_scalar("accuracy/best_test", self.state["best_acc"], row["epoch"])
         self.summary(complete=False)
         self.bar.write(f"epoch {row['epoch']:3d}/{self.cfg.epochs} | train loss {row['train_loss']:.3f} "
                        f"acc {row['train_acc']:6.2%} | test loss {row['test_loss']:.3f} acc {row['test_acc']:6.2%} | "
@@ -356,23 +406,34 @@ class Logger:
         self.bar.close()
         final, last = state["history"][-1]["test_acc"], state["epoch"]
         for i, name in enumerate(CLASSES):
-            self.writer.add_scalar(f"test_class/{name}", (confusion[i, i] / confusion[i].sum().clamp_min(1)).item(), last)
-        self.writer.add_image("test/confusion_matrix", confusion_image(confusion.numpy(), CLASSES), last,
+            self.writer.add_scalar(f"test_class_accuracy/{name}", (confusion[i, i] / confusion[i].sum().clamp_min(1)).item(), last)
+        self.writer.add_image("pictures/confusion_matrix", confusion_image(confusion.numpy(), CLASSES), last,
                               dataformats="HWC")
-        hparams = {k: "none" if v is None else v for k, v in dataclasses.asdict(self.cfg).items()}
-        self.writer.add_hparams({**hparams, "compiled": self.facts["compiled"]},
-                                {"hparam/best_acc": state["best_acc"], "hparam/final_acc": final}, run_name=".")
+        self.hparams()
         self.writer.close()
         self.summary(complete=True)
         reached = (f"reached {self.cfg.target_acc:.0%} at epoch {state['target_epoch']} ({state['target_wall_s']:.1f} s)"
                    if state["target_epoch"] else f"did not reach {self.cfg.target_acc:.0%}")
         print(f"done: best test acc {state['best_acc']:.2%}, final {final:.2%}, {reached}; {self.run_dir}/summary.json")
 
+    def hparams(self):
+        """The resolved settings in TensorBoard's HPARAMS table, beside the final and best test accuracy.
+
+        Its metrics are the `accuracy/test` and `accuracy/best_test` curves themselves (their last
+        values), not extra single-point charts; what is not a number is text there ("true", "none")."""
+        from torch.utils.tensorboard.summary import hparams
+
+        settings = {**dataclasses.asdict(self.cfg), "compiled": self.facts["compiled"]}
+        settings = {k: v if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v).lower()
+                    for k, v in settings.items()}
+        for summary in hparams(settings, {"accuracy/test": None, "accuracy/best_test": None}):
+            self.writer.file_writer.add_summary(summary)
+
     def stopped(self, stop, where):
         self.bar.close()
         self.writer.close()
         self.summary(complete=False)
-        print(f"stopped at {where}, saved; continue with: python train.py --resume {self.run_dir}", file=sys.stderr)
+        print(f"stopped at {where}, saved; continue with: {resume_command(self.run_dir)}", file=sys.stderr)
         return stop.exit_code
 
     def error(self, message):
@@ -380,6 +441,21 @@ class Logger:
         self.writer.close()
         print(f"error: {message}", file=sys.stderr)
         return 1
+
+
+def plural(n, word):
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def resume_command(run_dir):
+    """How to continue `run_dir`, written the way this run was started, so that it pastes as it is."""
+    flag = f"--resume {shlex.quote(str(run_dir))}"
+    if "MAKELEVEL" in os.environ:  # started by `make train` (or `make smoke`)
+        return f'make train ARGS="{flag}"'
+    if "RANK" in os.environ:
+        return f"torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', 1)} {shlex.quote(sys.argv[0])} {flag}"
+    python = os.path.relpath(sys.executable)  # .venv/bin/python, say: as typed, from the checkout
+    return f"{shlex.quote(sys.executable if python.startswith('..') else python)} {shlex.quote(sys.argv[0])} {flag}"
 
 
 class NullLogger:

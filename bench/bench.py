@@ -293,7 +293,7 @@ def bench_end_to_end(cfg, model, env, images, labels, timing):
     model.train()
     optimizer = make_optimizer(cfg, model)
     loader = make_loader(images, labels, batch_size=cfg.batch_size, train=True, augment=Augment(), device=cfg.device,
-                         dtype=env.dtype)
+                         dtype=env.dtype, num_threads=env.dali_threads)
     scheduler = make_scheduler(cfg, optimizer, len(loader))
 
     def epoch():
@@ -440,7 +440,8 @@ def run(args):
     # The default recipe, as train.py resolves it on this device, at the bench's batch size, with
     # train.py's device set-up (cuDNN autotune, TF32, bf16 autocast on CUDA).
     cfg = resolve(Config(device=args.device, batch_size=args.batch_size or (32 if cpu else 512)))
-    env = setup_env(cfg)
+    env = setup_env(cfg)  # on CPU also the thread counts: torch on the idle cores, DALI one thread
+    print(f"threads: torch {env.threads}, DALI {env.dali_threads} for end to end ({env.threads_why})", flush=True)
     timing = dict(repeats=5, warmup=(1 if args.quick else 2) if cpu else 10,
                   steps=(1 if args.quick else 3) if cpu else (10 if args.quick else 50),
                   sync=torch.cuda.synchronize if not cpu else (lambda: None))
@@ -459,6 +460,7 @@ def run(args):
     facts = run_facts(env)
     if cpu:
         facts["device"] = f"cpu ({os.cpu_count()} cores)"
+    facts["threads"] = {"torch": env.threads, "dali_end_to_end": env.dali_threads, "why": env.threads_why}
     results = {**facts, "date": datetime.date.today().isoformat(), "quick": args.quick, "data": what,
                "recipe": cfg.recipe, "complete": False, "pipeline": {}, "costs": {}, "model": {}, "compile": {},
                "skipped": {}}

@@ -76,6 +76,10 @@ class Config:
     device: str = field(default=None, metadata={"choices": ["cuda", "cpu"], "help": "default: cuda when available"})
     compile: bool = field(default=None, metadata={"help": "torch.compile (default: on with CUDA, off on CPU)"})
     compile_mode: str = field(default="default", metadata={"help": "torch.compile mode, e.g. max-autotune"})
+    threads: int = field(default=None, metadata={"help": "torch's CPU threads (default on CPU: the cores idle at start)"})
+    bn_reestimate: int = field(default=None, metadata={
+        "help": "re-estimate BatchNorm statistics on this many train images before each evaluation, 0 to never "
+                "(default: 1000 in runs of under 500 steps, whose running averages lag the weights)"})
     target_acc: float = field(default=0.85, metadata={"help": "record when test accuracy first reaches this"})
     runs: str = field(default="runs", metadata={"help": "parent folder of run folders"})
     name: str = field(default=None, metadata={"help": "run folder name (default: date-time-recipe)"})
@@ -106,6 +110,9 @@ class Env:
     rank: int = 0
     world: int = 1
     ddp: bool = False
+    threads: int = None  # torch's intra-op CPU threads (None: as torch set them)
+    dali_threads: int = 1  # DALI's CPU threads: its CPU operators, and on a GPU the CPU side of the graph
+    threads_why: str = ""  # how the counts were chosen, for the start line
 
     @property
     def master(self):
@@ -131,8 +138,40 @@ def setup_env(cfg):
         dist.init_process_group(backend="nccl" if cuda else "gloo")
     if cuda:
         configure_cuda()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    cores, idle = len(os.sched_getaffinity(0)), idle_cores()
+    if cuda:  # the GPU does the work; DALI's CPU side (callbacks, argument inputs) gets a few threads
+        threads, dali_threads = cfg.threads or torch.get_num_threads(), max(1, min(4, cores // local_world))
+    else:
+        # The model is ~1000x the pipeline's CPU work: torch gets the cores and DALI one thread. Only
+        # the cores idle now: torch's threads wait for each other at every op, so one thread short of
+        # a core (another busy process) cost 2.3x here (6-7 against 16 img/s; 11 with one thread).
+        threads, dali_threads = cfg.threads or max(1, idle // local_world), 1
+    torch.set_num_threads(threads)
+    why = f"{cores} cores, {idle} idle at start" + (f", {local_world} ranks on this machine" if local_world > 1 else "")
     return Env(device=torch.device(f"cuda:{local}" if cuda else "cpu"), autocast=bf16_autocast if cuda else contextlib.nullcontext,
-               dtype=torch.bfloat16 if cuda else torch.float32, rank=rank, world=world, ddp=ddp)
+               dtype=torch.bfloat16 if cuda else torch.float32, rank=rank, world=world, ddp=ddp, threads=threads,
+               dali_threads=dali_threads, threads_why=why + (", --threads given" if cfg.threads else ""))
+
+
+def idle_cores(seconds=0.2):
+    """How many of the cores this process may use were idle over `seconds` (/proc/stat; all of them
+    where that cannot be read): a busy process elsewhere takes a core from our threads."""
+    allowed = len(os.sched_getaffinity(0))
+
+    def idle_and_total():
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, all
+
+    try:
+        idle0, total0 = idle_and_total()
+        time.sleep(seconds)
+        idle1, total1 = idle_and_total()
+    except (OSError, ValueError, IndexError):
+        return allowed
+    busy = round((1 - (idle1 - idle0) / max(1, total1 - total0)) * (os.cpu_count() or allowed))
+    return max(1, min(allowed, (os.cpu_count() or allowed) - busy))
 
 
 def configure_cuda():
@@ -261,7 +300,7 @@ def warmup_steps(cfg, steps_per_epoch):
         return warmup, None
     short = max(1, total // 10)
     return short, (f"the {cfg.warmup_epochs:g}-epoch warm-up ({warmup} steps) would fill most of this {total}-step "
-                   f"run: warming up over {short} steps instead, then decaying to 0")
+                   f"run: warming up over {short} step{'s' * (short != 1)} instead, then decaying to 0")
 
 
 def make_scheduler(cfg, optimizer, steps_per_epoch):
@@ -341,6 +380,32 @@ def train_epoch(model, optimizer, loader, env, *, scheduler=None, label_smoothin
 
 
 @torch.no_grad()
+def reestimate_batchnorm(model, loader, env):
+    """BatchNorm running statistics recomputed as plain averages over `loader`'s batches.
+
+    A short run leaves them behind the weights: with momentum 0.1 they average over the last
+    ~10 steps, while the weights still move fast. BatchNorm runs in training mode here (batch
+    statistics), Dropout in eval mode, as evaluation will see it. Use the eager model: a
+    compiled one would build a graph for this pass.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    was_training, momenta = model.training, [m.momentum for m in norms]
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+    for x, _ in loader:
+        with env.autocast():
+            model(x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+
+
+@torch.no_grad()
 def evaluate(model, loader, env, num_classes=10):
     """(mean loss, accuracy, confusion matrix [true, predicted]) over all ranks' shards."""
     model.eval()
@@ -363,12 +428,19 @@ def evaluate(model, loader, env, num_classes=10):
 
 # --- files: atomic writes, checkpoints read with weights_only -----------------------------------
 
+UMASK = os.umask(0o022)
+os.umask(UMASK)  # read once: os.umask can only be read by setting it
+
+
 def write_atomic(path, write):
-    """`write(tmp)` to a temporary name beside `path`, then rename: never a half-written file."""
+    """`write(tmp)` to a temporary name beside `path`, then rename: never a half-written file.
+
+    The file gets the mode any new file of the user's would (mkstemp's temporary is 0600)."""
     fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

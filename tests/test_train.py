@@ -77,6 +77,11 @@ def test_summary_has_every_field(learned):
     assert s["complete"] and s["compiled"] is False and s["compile_s"] is None
     assert s["best_acc"] >= s["final_acc"] > 0 and s["mean_train_img_per_s"] > 0
     assert s["config"]["recipe"] == "fast" and s["config"]["epochs"] == 3 and s["config"]["device"] == "cpu"
+    assert s["config"]["bn_reestimate"] == 1000  # resolved: a 48-step run re-estimates BatchNorm before evaluating
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in ("summary.json", "last.pt", "best.pt"):  # the user's umask, not mkstemp's 0600
+        assert (learned / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
 def test_target_accuracy_is_timed(tmp_path):
@@ -89,14 +94,18 @@ def test_tensorboard_has_step_curves_epoch_curves_and_pictures(learned):
     events = EventAccumulator(str(learned), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     events.Reload()
     scalars = set(events.Tags()["scalars"])
-    for tag in ("step/loss", "step/acc", "step/lr", "step/img_per_s", "train/loss", "train/acc", "test/loss",
-                "test/acc", "lr", "throughput/train_img_per_s", "time/epoch_s", "test_class/airplane", "test_class/truck"):
+    for tag in ("loss/train_step", "accuracy/train_step", "lr/step", "throughput/step_img_per_s", "loss/train",
+                "accuracy/train", "loss/test", "accuracy/test", "accuracy/best_test", "lr/epoch",
+                "throughput/train_img_per_s", "time/epoch_s", "test_class_accuracy/airplane", "test_class_accuracy/truck"):
         assert tag in scalars, tag
-    assert [e.step for e in events.Scalars("step/loss")] == list(range(1, 49))  # log_every is 1 on CPU
-    assert [e.step for e in events.Scalars("test/acc")] == [1, 2, 3]
+    assert [e.step for e in events.Scalars("loss/train_step")] == list(range(1, 49))  # log_every is 1 on CPU
+    assert [e.step for e in events.Scalars("accuracy/test")] == [1, 2, 3]
+    # The dashboard sorts groups by name: the curves first, no single-point hparam charts among them.
+    groups = sorted({tag.split("/")[0] for tag in scalars | set(events.Tags()["images"])})
+    assert groups[:3] == ["accuracy", "loss", "lr"] and not any(g.startswith("hparam") for g in groups)
     images = {tag: events.Images(tag)[-1] for tag in events.Tags()["images"]}
-    assert images["test/confusion_matrix"].width >= 600  # readable at TensorBoard's card size
-    assert images["augmentations"].height > 10 * 3 * 32  # a row per class
+    assert images["pictures/confusion_matrix"].width >= 600  # readable at TensorBoard's card size
+    assert images["pictures/augmentations"].height > 10 * 3 * 32  # a row per class
 
 
 def test_hparams_record_what_ran(learned):
@@ -107,7 +116,8 @@ def test_hparams_record_what_ran(learned):
         if data.HasField("session_start_info"):
             hp = data.session_start_info.hparams
             assert hp["device"].string_value == "cpu"  # resolved, not the unset default
-            assert hp["compile"].bool_value is False and hp["batch_size"].number_value == 16
+            assert hp["compile"].string_value == "false" and hp["batch_size"].number_value == 16  # text, not 0.0000
+            assert hp["max_steps"].string_value == "none"
             return
     pytest.fail("no hparams session in the events")
 
@@ -132,6 +142,8 @@ def test_limit_train_and_limit_test_sample_the_data(tmp_path):
     r = train("--smoke", "--limit-train", "64", "--limit-test", "32", "--runs", tmp_path, "--name", "l")
     assert r.returncode == 0, r.stderr[-3000:]
     assert summary(tmp_path / "l")["steps"] == 64 // 16 and "4 steps/epoch" in r.stdout
+    assert "training 1 epoch, 4 steps;" in r.stdout and "a short run (4 steps;" in r.stdout
+    assert "threads: torch " in r.stdout
 
 
 def test_cpu_run_that_takes_long_says_so_with_a_shorter_recipe(tmp_path):
@@ -177,7 +189,9 @@ def test_interrupted_run_resumes_on_the_same_schedule_and_counts_all_time(learne
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
-    assert "stopping after this step (Ctrl-C again to quit now)" in err and f"--resume {tmp_path / 'cut'}" in err
+    assert "stopping after this step (Ctrl-C again to quit now)" in err
+    python = os.path.relpath(sys.executable, ROOT)  # the hint runs the Python this run ran, as typed from its folder
+    assert f"continue with: {sys.executable if python.startswith('..') else python} {ROOT / 'train.py'} --resume {tmp_path / 'cut'}" in err
     cut = checkpoint_state(tmp_path / "cut")
     assert cut["epoch"] == 1 and 0 < cut["step_in_epoch"] < 16 and cut["partial"]["seconds"] > 0
 
@@ -281,7 +295,8 @@ def test_bad_checkpoint_is_one_line(content, message, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--lr", "0.5"], "--lr 0.5 differs from the run's 0.2"),
+    (["--lr", "0.5"], "--lr 0.5 (the run has 0.2): a resumed run keeps its settings"),
+    (["--lr", "0.5", "--dropout", "0.3"], "--lr 0.5 (the run has 0.2), --dropout 0.3 (the run has 0.05): "),
     (["--epochs", "2"], "--epochs 2 would shorten the run"),
 ])
 def test_resume_refuses_flags_it_cannot_honour(learned, flags, message):
@@ -296,9 +311,17 @@ def test_existing_run_is_not_overwritten(learned):
     assert (learned / "last.pt").read_bytes() == before
 
 
-def test_unwritable_run_folder_is_one_line(tmp_path):
+@pytest.mark.parametrize("runs", ["file/runs", "/proc/x"])  # a file in the way; a folder even root cannot write
+def test_unwritable_run_folder_is_one_line_before_any_loading(runs, tmp_path):
     (tmp_path / "file").write_text("x")
-    assert "cannot write the run folder" in one_line_error(train("--smoke", "--runs", tmp_path / "file" / "runs"))
+    r = train("--smoke", "--runs", tmp_path / runs)
+    assert "cannot write the run folder" in one_line_error(r) and "loading" not in r.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # the probe is gone
+
+
+def test_too_few_images_for_a_batch_is_said_before_loading(image_tree, tmp_path):
+    r = train("--data", image_tree, "--device", "cpu", "--limit-train", "500", "--batch-size", "512", "--runs", tmp_path)
+    assert "--limit-train 500 is fewer images than one batch of 512" in one_line_error(r) and "loading" not in r.stdout
 
 
 def test_flag_syntax_errors_keep_argparse_usage(tmp_path):
