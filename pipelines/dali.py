@@ -215,9 +215,9 @@ class Loader:
 
     def __iter__(self):
         indices = self._shard_indices(self.epoch)
-        self._batches = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)][self.skip:len(self)]
         if self.device.type == "cuda" and not self.encoded:
-            self._batches = [torch.as_tensor(b).to(self.device) for b in self._batches]  # uploaded once per epoch
+            indices = torch.from_numpy(indices).to(self.device)  # one upload per epoch: the batches are views
+        self._batches = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)][self.skip:len(self)]
         self._first, self._epoch_now = self.skip, self.epoch
         self.epoch, self.skip = self.epoch + 1, 0
         if self._iterator is None or not self._finished:
