@@ -18,8 +18,10 @@ from net import build_model
 from net.engine import Config
 
 ROOT = Path(__file__).resolve().parents[1]
-LEARN = ["--smoke", "--epochs", "3", "--warmup-epochs", "0.5"]  # 16 steps of 16 images an epoch
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+# 16 steps of 16 images an epoch; the thread count pinned, so that runs compare bit for bit on a busy machine too
+LEARN = ["--smoke", "--epochs", "3", "--warmup-epochs", "0.5", "--threads", "2"]
+# train.py run directly, as a user would: not as a child of `make test` (it words its resume hint for make)
+ENV = {**{k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}, "PYTHONUNBUFFERED": "1"}
 TINY = ["--smoke", "--limit-train", "64"]  # 4 steps of 16 an epoch: for what needs steps, not learning
 
 
@@ -28,9 +30,9 @@ def train(*args, timeout=600):
                           cwd=ROOT, env=ENV, timeout=timeout)
 
 
-def start(*args):
+def start(*args, env=ENV):
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
 
 
 def wait_for(stream, text):
@@ -227,11 +229,12 @@ def test_second_ctrl_c_quits_at_once_and_keeps_the_last_checkpoint(tmp_path):
 
 
 def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
-    proc = start(*TINY, "--epochs", "2", "--runs", tmp_path, "--name", "term")
+    proc = start(*TINY, "--epochs", "2", "--runs", tmp_path, "--name", "term", env={**ENV, "MAKELEVEL": "1"})  # as `make train`
     wait_for(proc.stdout, "training ")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]
+    assert f'continue with: make train ARGS="--resume {tmp_path / "term"}"' in err  # the way it was started
     ckpt = torch.load(tmp_path / "term" / "last.pt", weights_only=True)
     assert ckpt["state"]["epoch"] == 0 and ckpt["state"]["step_in_epoch"] >= 1
     build_model().load_state_dict(ckpt["model"])
