@@ -30,7 +30,7 @@ from net.engine import (RECIPES, CompileCheck, Config, NonFiniteLoss, StopSignal
                         train_epoch, warmup_steps, write_json)
 from net.model import train_memory_bytes
 from pipelines import CLASSES, Augment, DataError, load_cifar10, make_loader, subset, synthetic_cifar
-from pipelines.data import decode_image
+from pipelines.data import SPLITS, decode_image
 from pipelines.preview import one_per_class
 
 # What a resumed run may change: how long it goes on, and how (not what) it computes.
@@ -248,7 +248,7 @@ def short_run(cfg, env, model, train, total):
         recalibrate = lambda: reestimate_batchnorm(model, loader, env)  # noqa: E731 (the eager model: no new graph)
     if total >= SHORT:
         return recalibrate, None
-    planned = RECIPES[cfg.recipe]["epochs"] * (50_000 // RECIPES[cfg.recipe]["batch_size"])
+    planned = RECIPES[cfg.recipe]["epochs"] * (SPLITS["train"] // RECIPES[cfg.recipe]["batch_size"])
     return recalibrate, (f"a short run ({plural(total, 'step')}; the `{cfg.recipe}` recipe plans {planned:,} on the full "
                          f"train set): expect far less than its accuracy"
                          + (f". BatchNorm statistics are re-estimated on {n:,} train images before each evaluation "

@@ -212,7 +212,7 @@ def compile_checked(model, env, *, eval_batch, train_batch, mode="default", comp
     draws differ between Inductor and eager, so its values are not compared). The training pass
     runs on `model` itself, whose weights, BatchNorm statistics, gradients and RNG are restored
     after, so the graph built is the one the trainer will hit. Any compiler exception, or a
-    disagreement, means eager with a note; under DDP every rank follows rank 0's verdict.
+    disagreement, means eager with a note; under DDP all ranks run eager if any rank rejects.
     `compiler` stands in for torch.compile (the tests pass failing and wrong ones).
 
     dynamic=False: evaluation and training run different batch sizes, and a second shape would
@@ -266,12 +266,11 @@ def compile_checked(model, env, *, eval_batch, train_batch, mode="default", comp
         torch.set_rng_state(rng[0])
         if rng[1] is not None:
             torch.cuda.set_rng_state(rng[1], env.device)
-    if env.ddp:  # one verdict for all ranks, or DDP would pair a compiled rank with an eager one
-        verdict = torch.tensor([int(check.compiled)], device=env.device)
-        dist.broadcast(verdict, 0)
-        if bool(verdict.item()) != check.compiled:
-            check.compiled, check.model = bool(verdict.item()), fast if verdict.item() else model
-            check.note = None if check.compiled else "rank 0 rejected the compiled model"
+    if env.ddp:  # one verdict for all ranks, or DDP would pair a compiled rank with an eager one: compiled
+        verdict = torch.tensor([int(check.compiled)], device=env.device)  # only where every rank accepted
+        dist.all_reduce(verdict, op=dist.ReduceOp.MIN)
+        if check.compiled and not verdict.item():
+            check.compiled, check.model, check.note = False, model, "another rank rejected the compiled model"
     check.seconds, check.graphs = time.perf_counter() - t0, counters["unique_graphs"] - graphs_before
     if check.note:
         check.note += "; training eager"
