@@ -20,7 +20,7 @@ STAMP := .venv/.installed
 endif
 # import name:package, for the check of an existing Python
 DEPS := torch:torch nvidia.dali:nvidia-dali-cuda120 numpy:numpy torchsummary:torchsummary \
-        tensorboard:tensorboard tqdm:tqdm PIL:pillow pytest:pytest
+        tensorboard:tensorboard tqdm:tqdm PIL:pillow pytest:pytest xdist:pytest-xdist
 
 ifeq ($(shell command -v nvidia-smi 2>/dev/null),)
 TORCH ?= torch==2.13.0 --retries 0 --extra-index-url https://download.pytorch.org/whl/cpu
@@ -38,14 +38,16 @@ install: $(STAMP)
 	$(PY) -m pip install -e '.[test]'
 	touch $@
 .deps-checked: pyproject.toml
-	@missing=$$($(PY) -c "$$MISSING" $(DEPS)); \
-	echo "using $(PY) as it is (torch $$($(PY) -c 'import torch; print(torch.__version__)'))"; \
-	if [ -n "$$missing" ]; then echo "installing what it lacks: $$missing"; $(PY) -m pip install $$missing || exit 1; \
+	@set -- $$($(PY) -c "$$MISSING" $(DEPS)); version=$$1; shift; \
+	echo "using $(PY) as it is (torch $$version)"; \
+	if [ -n "$$*" ]; then echo "installing what it lacks: $$*"; $(PY) -m pip install "$$@" || exit 1; \
 	else echo "every dependency is there: nothing to install"; fi
 	touch $@
-# The packages among DEPS whose module does not import (one process: torch is imported once).
+# torch's version, then the packages among DEPS whose module does not import (one process: torch
+# is imported once).
 define MISSING
 import importlib, sys
+import torch
 missing = []
 for dep in sys.argv[1:]:
     module, package = dep.split(":")
@@ -53,12 +55,13 @@ for dep in sys.argv[1:]:
         importlib.import_module(module)
     except ImportError:
         missing.append(package)
-print(" ".join(missing))
+print(torch.__version__, *missing)
 endef
 export MISSING
 
+# Tests run on every core at once (pytest-xdist); the tests that share a training run stay together.
 test: $(STAMP)
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n auto --dist loadgroup $(ARGS)
 
 # Default data/ is fetched first when missing (not when ARGS name --data, --resume or --smoke).
 train: $(STAMP)

@@ -47,7 +47,7 @@ class Report:
 def versions():
     import nvidia.dali
 
-    from net.engine import git_commit
+    from engine.run import git_commit
 
     props = torch.cuda.get_device_properties(0)
     facts = {"device": torch.cuda.get_device_name(0), "memory_gib": round(props.total_memory / 2**30, 1),
@@ -74,7 +74,7 @@ def cuda_tests(out, data):
 
 
 def pipelines(data):
-    from bench.bench import bench_dali, bench_data, bench_draws
+    from bench.pipelines import bench_dali, bench_data, bench_draws
 
     images, labels, blobs, what = bench_data(data, n_encoded=20_000, n_synthetic=50_000)
     timing = dict(repeats=5, warmup=4, steps=20, sync=torch.cuda.synchronize)
@@ -88,9 +88,12 @@ def pipelines(data):
 
 
 def compile_and_step():
-    from bench.bench import measure, synthetic_batches
+    from bench.model import synthetic_batches
+    from bench.timing import measure
+    from engine.config import Config, resolve
+    from engine.device import compile_checked, setup_env
+    from engine.loop import make_optimizer, train_step
     from net import build_model
-    from net.engine import Config, compile_checked, make_optimizer, resolve, setup_env, train_step
 
     cfg = resolve(Config(device="cuda"))
     env = setup_env(cfg)

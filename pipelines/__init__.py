@@ -1,6 +1,16 @@
-"""CIFAR-10 data: `load_cifar10` (files -> arrays) and `make_loader` (arrays -> DALI batches)."""
-from .dali import Augment, make_loader
+"""CIFAR-10 data: `load_cifar10` (files -> arrays) and `make_loader` (arrays -> DALI batches).
+
+The DALI half (`make_loader`, `Augment`) is imported when first asked for: it brings torch and
+DALI (seconds), which `make data` and the file readers do not need."""
 from .data import CLASSES, MEAN, SIZE, STD, DataError, load_cifar10, subset, synthetic_cifar
 
 __all__ = ["Augment", "make_loader", "load_cifar10", "DataError", "CLASSES", "MEAN", "STD", "SIZE", "subset",
            "synthetic_cifar"]
+
+
+def __getattr__(name):
+    if name in ("Augment", "make_loader"):
+        from . import dali
+
+        return getattr(dali, name)
+    raise AttributeError(f"module 'pipelines' has no attribute {name!r}")

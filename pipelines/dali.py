@@ -24,18 +24,22 @@ included, that an uninterrupted run would have seen.
 import collections
 import dataclasses
 import os
+from typing import ClassVar
 
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from .data import MEAN, SIZE, STD
+from .data import MEAN, SIZE, STD, is_encoded
 
 
 @dataclasses.dataclass
 class Augment:
-    """Per-image train augmentations; defaults = the original design's Albumentations recipe."""
+    """Per-image train augmentations; defaults = the original design's Albumentations recipe.
+
+    The only place these numbers live: the trainer's flags default to them, and the preview's
+    caption and the bench's Albumentations baseline are built from an `Augment`."""
     flip_p: float = 0.5  # horizontal flip
     ssr_p: float = 0.5  # shift-scale-rotate, about the image centre, bilinear, mean fill
     shift: float = 0.0625  # max shift, fraction of the image size, each axis (2 px on 32)
@@ -44,15 +48,21 @@ class Augment:
     cutout_p: float = 0.5  # one square hole, centre uniform over the image, clipped, mean fill
     cutout_size: int = 16  # pixels
 
+    RANGES: ClassVar[dict] = {"flip_p": (0, 1), "ssr_p": (0, 1), "cutout_p": (0, 1), "shift": (0, 1), "scale": (0, 0.99),
+              "rotate": (0, 180), "cutout_size": (0, SIZE)}  # (low, high) of each
+
     def __post_init__(self):
-        for name in ("flip_p", "ssr_p", "cutout_p"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"Augment.{name} = {getattr(self, name)} must be a probability in [0, 1]")
-        for name in ("shift", "scale", "rotate", "cutout_size"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"Augment.{name} = {getattr(self, name)} must be >= 0")
-        if self.scale >= 1:
-            raise ValueError(f"Augment.scale = {self.scale} must be < 1 (scale factor 1 +- scale)")
+        for name, (low, high) in self.RANGES.items():
+            if not low <= getattr(self, name) <= high:
+                raise ValueError(f"Augment.{name} = {getattr(self, name)} must be in [{low:g}, {high:g}]")
+
+    def describe(self):
+        """What is drawn, in words and units: "flip p=0.5, shift-scale-rotate p=0.5 (...), cutout ..."."""
+        parts = [f"flip p={self.flip_p:g}" if self.flip_p else None,
+                 f"shift-scale-rotate p={self.ssr_p:g} (shift {self.shift * SIZE:g} px, scale 1\u00b1{self.scale:g}, "
+                 f"rotate \u00b1{self.rotate:g}\u00b0)" if self.ssr_p else None,
+                 f"cutout {self.cutout_size}x{self.cutout_size} p={self.cutout_p:g}" if self.cutout_p and self.cutout_size else None]
+        return ", ".join(p for p in parts if p) or "no augmentation"
 
 
 def draw_augment(aug, n, rng):
@@ -144,7 +154,7 @@ class Loader:
             raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, not {dtype}")
         if augment is not None and not isinstance(augment, Augment):
             raise ValueError(f"augment must be an Augment or None, not {type(augment).__name__}")
-        self.encoded = isinstance(images, list)
+        self.encoded = is_encoded(images)
         if not self.encoded:
             images = np.ascontiguousarray(images)
             if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (SIZE, SIZE, 3):

@@ -273,8 +273,22 @@ def load_cifar10(root, split, *, encoded=False):
 
 
 def data_format(root):
-    """'binary', 'python' or 'tree': what `load_cifar10(root, ...)` would read."""
+    """'binary', 'python' or 'tree': what `load_cifar10(root, ...)` would read. Only a 'tree' holds
+    encoded images (`encoded=True`); the tarballs hold raw pixel records."""
     return _locate(root)[1]
+
+
+def is_encoded(images):
+    """Whether loaded `images` are encoded file bytes (a list, from `encoded=True`) or a pixel array:
+    the one place that tells the two forms apart."""
+    return isinstance(images, list)
+
+
+def pixels(images, indices):
+    """uint8 (len(indices), 32, 32, 3) pixels of the chosen images, decoded where they are encoded."""
+    if is_encoded(images):
+        return np.stack([decode_image(images[i]) for i in indices])
+    return images[np.asarray(indices)]
 
 
 # --- stand-ins and samples ----------------------------------------------------------------------
@@ -308,7 +322,7 @@ def subset(images, labels, n, *, seed=0):
         members = order[labels[order] == c]
         rank_in_class[members] = np.arange(len(members))
     keep = np.sort(order[np.argsort(rank_in_class[order], kind="stable")[:n]])
-    picked = [images[i] for i in keep] if isinstance(images, list) else images[keep]
+    picked = [images[i] for i in keep] if is_encoded(images) else images[keep]
     return picked, labels[keep]
 
 

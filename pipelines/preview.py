@@ -15,7 +15,8 @@ import numpy as np
 from .dali import Augment, make_loader
 from .data import CLASSES, MEAN, STD, DataError, load_cifar10
 
-HEADER = 24  # px: the strip with the column titles
+HEADER = 24  # px: the strip with the column titles, one line high
+LINE = 18  # px: each further line of the caption
 FRAME = (220, 40, 40)  # the original column's frame: it tells originals from draws at a glance
 
 
@@ -55,20 +56,35 @@ def augment_grid(images, augment=None, *, names=None, draws=7, seed=0, zoom=4, g
     margin = 8 + max((int(text.getlength(s)) for s in names), default=0) if names is not None else 0
     s = 32 * zoom + gap
     frame = 2  # px around the original, and the extra gap after its column
-    grid = np.full((HEADER + n * s + gap, margin + (1 + draws) * s + gap + 2 * frame, 3), 255, np.uint8)
+    width = margin + (1 + draws) * s + gap + 2 * frame
     left = [margin + gap + frame + c * s + (2 * frame if c else 0) for c in range(1 + draws)]
+    caption = wrap(f"{draws} draws: {augment.describe()}", text, width - left[1] - 4)
+    header = HEADER + LINE * (len(caption) - 1)
+    grid = np.full((header + n * s + gap, width, 3), 255, np.uint8)
     for r in range(n):
-        top = HEADER + gap + r * s
+        top = header + gap + r * s
         grid[top - frame:top + 32 * zoom + frame, left[0] - frame:left[0] + 32 * zoom + frame] = FRAME
         for c in range(1 + draws):
             grid[top:top + 32 * zoom, left[c]:left[c] + 32 * zoom] = tiles[r, c]
     picture = Image.fromarray(grid)
     draw = ImageDraw.Draw(picture)
     draw.text((left[0], 4), "original", fill=FRAME, font=text)
-    draw.text((left[1], 4), f"{draws} augmented draws (flip, shift-scale-rotate, cutout)", fill="black", font=text)
+    for i, line in enumerate(caption):
+        draw.text((left[1], 4 + i * LINE), line, fill="black", font=text)
     for r, name in enumerate(names if names is not None else []):
-        draw.text((4, HEADER + gap + r * s + 16 * zoom - 8), name, fill="black", font=text)
+        draw.text((4, header + gap + r * s + 16 * zoom - 8), name, fill="black", font=text)
     return np.asarray(picture)
+
+
+def wrap(caption, text_font, width):
+    """The caption in lines no wider than `width` px, broken after its commas."""
+    lines = []
+    for part in caption.replace(", ", ",\n").splitlines():
+        if lines and text_font.getlength(lines[-1] + " " + part) <= width:
+            lines[-1] += " " + part
+        else:
+            lines.append(part)
+    return lines
 
 
 def confusion_image(confusion, classes, cell=52):

@@ -16,9 +16,9 @@ from PIL import Image
 
 from pipelines.data import BINARY, CLASSES, PYTHON, synthetic_cifar
 
+ROOT = Path(__file__).resolve().parents[1]
 # The JPEG copy of CIFAR-10 beside the project's own checkouts; CIFAR10_JPEG points elsewhere (a GPU box).
-SHARED_JPEG = Path(os.environ.get("CIFAR10_JPEG",
-                                  Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"))
+SHARED_JPEG = Path(os.environ.get("CIFAR10_JPEG", ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"))
 
 
 def pytest_configure(config):

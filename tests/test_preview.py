@@ -4,21 +4,31 @@ import sys
 import numpy as np
 from PIL import Image
 
-from pipelines import CLASSES
-from pipelines.preview import FRAME, HEADER, augment_grid, confusion_image, one_per_class
+from pipelines import CLASSES, Augment
+from pipelines.preview import FRAME, HEADER, LINE, augment_grid, confusion_image, font, one_per_class, wrap
 
 
 def test_grid_shows_the_framed_original_then_draws():
     images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     grid = augment_grid(images, draws=4, zoom=2, gap=2)
     s, frame = 64 + 2, 2
-    assert grid.dtype == np.uint8 and grid.shape == (HEADER + 3 * s + 2, 5 * s + 2 + 2 * frame, 3)
-    top, left = HEADER + 2, 2 + frame
+    header = grid.shape[0] - (3 * s + 2)  # the caption wraps to the grid's width: a line or more
+    assert grid.dtype == np.uint8 and grid.shape[1] == 5 * s + 2 + 2 * frame
+    assert header >= HEADER and (header - HEADER) % LINE == 0
+    top, left = header + 2, 2 + frame
     np.testing.assert_array_equal(grid[top:top + 64, left:left + 64], images[0].repeat(2, 0).repeat(2, 1))
     assert tuple(grid[top - 1, left - 1]) == FRAME  # the original is framed, the draws are not
     draws = [grid[top:top + 64, left + c * s + 2 * frame:left + c * s + 2 * frame + 64] for c in range(1, 5)]
     assert tuple(grid[top - 1, left + s + 2 * frame - 1]) != FRAME  # just outside the first draw: no frame
     assert any(not np.array_equal(d, grid[top:top + 64, left:left + 64]) for d in draws)  # the recipe changed something
+
+
+def test_the_caption_says_the_recipe_drawn_and_fits_the_grid():
+    caption = "4 draws: " + Augment(rotate=5).describe()
+    lines = wrap(caption, font(14), 300)
+    assert " ".join(lines) == caption and len(lines) > 1
+    assert all(font(14).getlength(line) <= 300 for line in lines)
+    assert "rotate \u00b15\u00b0" in caption and "cutout 16x16 p=0.5" in caption
 
 
 def test_grid_names_each_row_in_a_margin():
@@ -49,7 +59,8 @@ def test_cli_writes_one_row_per_class(image_tree, tmp_path):
                         "--draws", "3"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     width, height = Image.open(out).size
-    assert height == HEADER + 10 * (4 * 32 + 2) + 2  # ten rows, zoom 4
+    rows = 10 * (4 * 32 + 2) + 2  # ten rows, zoom 4, under a caption of a line or more
+    assert height >= HEADER + rows and (height - HEADER - rows) % LINE == 0
     assert "one image per class" in r.stdout and not list(tmp_path.glob("*.tmp"))
 
 

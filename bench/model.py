@@ -1,0 +1,128 @@
+"""Bench rows for the model: its train step alone in each variant (dtype, layout, compiled), on
+device-resident batches, and inference; end to end (`engine.loop.train_epoch`, the very loop
+train.py runs, over the DALI loader); and the limit the device allows (FLOPs and bytes per image
+against its measured matmul rate and copy bandwidth)."""
+import contextlib
+import dataclasses
+
+import torch
+
+from engine.config import augment
+from engine.device import compile_checked
+from engine.loop import make_optimizer, make_schedule, train_epoch, train_step
+from net import build_model, count_macs
+from net.model import activation_elements
+from pipelines import make_loader
+
+from .timing import measure
+
+
+def model_variants(device):
+    """{key: (dtype, channels_last, compiled)} for this device; the last is what train.py runs there.
+
+    Each variant gets the inputs training would feed it: the dtype and memory layout of its name.
+    """
+    if device == "cuda":
+        return {"eager fp32 NCHW": (torch.float32, False, False),
+                "eager bf16 channels_last": (torch.bfloat16, True, False),
+                "compiled bf16 channels_last": (torch.bfloat16, True, True)}
+    return {"eager fp32 NCHW": (torch.float32, False, False), "eager fp32 channels_last": (torch.float32, True, False)}
+
+
+def prepare_model(cfg, env, key, notes):
+    """(model, Env) for one variant, on the training Env's device settings. The compiled variant
+    goes through the trainer's compile check (once per bench: its graphs serve every later use);
+    a rejected compile is timed eager, and `notes` says so under the variant's key."""
+    dtype, channels_last, compiled = model_variants(cfg.device)[key]
+    variant_env = dataclasses.replace(env, dtype=dtype, autocast=env.autocast if dtype == torch.bfloat16
+                                      else contextlib.nullcontext)
+    torch.manual_seed(cfg.seed)
+    model = build_model(dropout=cfg.dropout).to(cfg.device, memory_format=torch.channels_last if channels_last
+                                                else torch.contiguous_format)
+    if compiled:
+        check = compile_checked(model, variant_env, eval_batch=cfg.batch_size, train_batch=cfg.batch_size,
+                                mode=cfg.compile_mode)
+        notes[key] = {"compiled": check.compiled, "graphs": check.graphs, "seconds": check.seconds,
+                      "error": check.error, "eager_error": check.eager_error, "note": check.note}
+        model = check.model
+    return model, variant_env
+
+
+def synthetic_batches(device, batch, dtype, channels_last, k=4):
+    """k distinct device-resident batches, cycled: nothing measured from a single cached input."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return [(torch.randn(batch, 3, 32, 32, device=device).to(dtype).contiguous(memory_format=fmt),
+             torch.randint(0, 10, (batch,), device=device)) for _ in range(k)]
+
+
+def bench_model(cfg, env, models, timing, record):
+    """Train step of every variant, then inference of the last (train.py's); `record(key, row)` each as measured."""
+    for key, (dtype, channels_last, _) in model_variants(cfg.device).items():
+        model, variant_env = models[key]
+        optimizer = make_optimizer(cfg, model)
+        batches, i = synthetic_batches(cfg.device, cfg.batch_size, dtype, channels_last), [0]
+
+        def step():
+            x, y = batches[i[0] % len(batches)]
+            i[0] += 1
+            train_step(model, optimizer, x, y, label_smoothing=cfg.label_smoothing, autocast=variant_env.autocast)
+
+        record(f"train, {key}", measure(step, images_per_step=cfg.batch_size, **timing))
+    record(f"inference, {key}", bench_inference(model.eval(), variant_env, batches, cfg.batch_size, timing))
+    model.train()
+
+
+@torch.no_grad()
+def bench_inference(model, env, batches, batch, timing):
+    i = [0]
+
+    def infer():
+        x, _ = batches[i[0] % len(batches)]
+        i[0] += 1
+        with env.autocast():
+            model(x)
+
+    return measure(infer, images_per_step=batch, **timing)
+
+
+def bench_end_to_end(cfg, model, env, images, labels, timing):
+    """train.py's epoch, timed whole: `train_epoch` over the DALI raw loader, recipe optimizer and schedule.
+
+    One timed repeat is one epoch of `images` (the pipeline reset between epochs, as in training).
+    """
+    model.train()
+    optimizer = make_optimizer(cfg, model)
+    loader = make_loader(images, labels, batch_size=cfg.batch_size, train=True, augment=augment(cfg), device=cfg.device,
+                         dtype=env.dtype, num_threads=env.dali_threads)
+    schedule = make_schedule(cfg, optimizer, len(loader))
+
+    def epoch():
+        train_epoch(model, optimizer, loader, env, schedule=schedule, label_smoothing=cfg.label_smoothing,
+                    log_every=cfg.log_every)
+
+    result = measure(epoch, images_per_step=len(loader) * cfg.batch_size, steps=1, repeats=timing["repeats"],
+                     warmup=1, sync=timing["sync"])
+    return {**result, "batch": cfg.batch_size, "images_per_epoch": len(loader) * cfg.batch_size}
+
+
+def bench_limit(device, dtype_bytes, sync, quick):
+    n = 2048 if quick or device == "cpu" else 8192
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    mm = measure(lambda: a @ b, images_per_step=1, steps=3 if device == "cpu" else 20, repeats=5, warmup=2, sync=sync)
+    src = torch.empty(64 * 2**20 if device == "cpu" else 1024 * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    cp = measure(lambda: dst.copy_(src), images_per_step=1, steps=5, repeats=5, warmup=2, sync=sync)
+    model = build_model()
+    macs = count_macs(model)
+    flops = 3 * 2 * macs  # forward 2 FLOPs per MAC; backward twice the forward (input and weight grads)
+    elements = activation_elements(model)
+    # Each saved activation is written in forward and read in backward, and its gradient is written
+    # and read once in backward: 4 touches per element at the training dtype, plus the uint8 image.
+    bytes_per_image = 4 * dtype_bytes * elements + 3 * 32 * 32
+    tflops, gbps = mm["img_per_s"] * 2 * n**3 / 1e12, cp["img_per_s"] * 2 * src.numel() / 1e9  # copy: read + write
+    floor = min(tflops * 1e12 / flops, gbps * 1e9 / bytes_per_image)
+    return {"macs_per_image": macs, "train_flops_per_image": flops, "activation_elements_per_image": elements,
+            "train_bytes_per_image": bytes_per_image, "matmul_tflops": tflops, "copy_gb_per_s": gbps,
+            "compute_bound_img_per_s": tflops * 1e12 / flops, "memory_bound_img_per_s": gbps * 1e9 / bytes_per_image,
+            "floor_img_per_s": floor}

@@ -1,0 +1,10 @@
+"""The training engine: what train.py runs and the bench times, each part defined once.
+
+- `config`: Config (a field per train.py flag), RECIPES, SMOKE, resolve, check, UserError;
+- `device`: Env and setup_env (device, bf16 autocast, DDP, threads), compile_checked;
+- `loop`: the optimizer, the Schedule, train_step, train_epoch, evaluate;
+- `run`: atomic writes, checkpoints read with weights_only, RunState, StopSignal, run_facts;
+- `log`: the console / TensorBoard logger (train.py's; the bench passes none).
+
+It stands on `net` and `pipelines` and imports neither entry point.
+"""

@@ -1,0 +1,227 @@
+"""Around a run: files written atomically, checkpoints read with weights_only, the run's state,
+Ctrl-C and SIGTERM (`StopSignal`), and the facts stored beside every result (`run_facts`)."""
+import dataclasses
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import Config, UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- files: atomic writes, checkpoints read with weights_only -----------------------------------
+
+UMASK = os.umask(0o022)
+os.umask(UMASK)  # read once: os.umask can only be read by setting it
+
+
+def write_atomic(path, write):
+    """`write(tmp)` to a temporary name beside `path`, then rename: never a half-written file.
+
+    The file gets the mode any new file of the user's would (mkstemp's temporary is 0600)."""
+    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~UMASK)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_checkpoint(obj, path):
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_json(obj, path):
+    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2)))
+
+
+CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "rng_cpu", "state", "config"}
+
+
+def load_checkpoint(path):
+    """A checkpoint this project wrote, read with weights_only=True (tensors and plain data only).
+
+    Anything else raises UserError: one line naming the file and what to do.
+    """
+    path = Path(path)
+    fix = "pass a run folder that train.py wrote, or start a new run without --resume"
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}; {fix}")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path} is empty (0 bytes), not a checkpoint; {fix}")
+    try:
+        with warnings.catch_warnings():  # torch warns about odd pickle protocols: the error below says it all
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # torch's own messages run to many lines: name the kind of problem
+        why = "not a readable torch.save file"
+        if unsafe_globals(path):  # classes or functions the file would import: refused unread
+            why = "it holds objects other than tensors and plain data, refused unread"
+        raise UserError(f"{path}: {why}; {fix}") from None
+    if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= set(ckpt):
+        raise UserError(f"{path} is not a checkpoint of this project (no model, optimizer and config); {fix}")
+    unknown = set(ckpt["config"]) - {f.name for f in dataclasses.fields(Config)}
+    if unknown:
+        raise UserError(f"{path} was written by another version (unknown settings {sorted(unknown)}); {fix}")
+    if {f.name for f in dataclasses.fields(RunState)} - set(ckpt["state"]):
+        raise UserError(f"{path} was written by an older train.py; {fix}")
+    return ckpt
+
+
+def unsafe_globals(path):
+    """The classes and functions a torch.save file names beyond what weights_only allows ([] when
+    it is not a torch.save file at all): read from the file's opcodes, nothing executed."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        return []
+
+
+# --- the run's state, saved in every checkpoint -------------------------------------------------
+
+@dataclass
+class RunState:
+    """Where a run is and what it has measured. Passed explicitly (the trainer changes it, the
+    logger reads it) and saved in every checkpoint as plain data, so a resume continues exactly."""
+    epoch: int = 0  # epochs finished
+    step_in_epoch: int = 0  # steps done in the current epoch (a run stopped mid-epoch)
+    step: int = 0  # optimizer steps in all
+    best_acc: float = 0.0
+    history: list = field(default_factory=list)  # a row per finished epoch
+    train_s: float = 0.0  # seconds in train_epoch
+    wall_s: float = 0.0  # training and evaluation: the clock time to accuracy counts
+    target_epoch: int = None  # the first epoch whose test accuracy reached --target-acc
+    target_wall_s: float = None
+    partial: dict = None  # the current epoch's totals so far, across a stop and resume
+
+    def complete(self, cfg):
+        return self.epoch >= cfg.epochs or self.step >= (cfg.max_steps or math.inf)
+
+    def add_part(self, part, start, first_step):
+        """Add a (possibly partial) epoch's totals and time from `train_epoch`."""
+        before = self.partial or {"loss_sum": 0.0, "correct": 0.0, "images": 0, "seconds": 0.0, "resumed_at_step": None}
+        self.partial = {**{k: before[k] + part[k] for k in ("loss_sum", "correct", "images", "seconds")},
+                        "resumed_at_step": before["resumed_at_step"] if before["resumed_at_step"] is not None
+                        else (start or None)}
+        self.step_in_epoch, self.step = part["end"], first_step + part["end"]
+        self.train_s += part["seconds"]
+        self.wall_s += part["seconds"]
+
+    def end_epoch(self, row, eval_s, target_acc):
+        """Record a finished epoch's row; returns whether its test accuracy is the best so far."""
+        self.wall_s += eval_s
+        if self.partial["resumed_at_step"] is not None:
+            row["resumed_at_step"] = self.partial["resumed_at_step"]  # trained in two sessions; totals cover it all
+        improved = row["test_acc"] > self.best_acc
+        if row["test_acc"] >= target_acc and self.target_epoch is None:
+            self.target_epoch, self.target_wall_s = row["epoch"], self.wall_s
+        self.history.append(row)
+        self.best_acc = max(self.best_acc, row["test_acc"])
+        self.epoch, self.step_in_epoch, self.partial = row["epoch"], 0, None
+        return improved
+
+
+def save_run(path, model, optimizer, schedule, state, cfg, env):
+    """Everything a resume needs, atomically: weights, optimizer moments, schedule, RNG, state, settings."""
+    save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": schedule.state_dict(), "rng_cpu": torch.get_rng_state(),
+                     "rng_cuda": torch.cuda.get_rng_state(env.device) if env.device.type == "cuda" else None,
+                     "state": dataclasses.asdict(state), "config": dataclasses.asdict(cfg)}, path)
+
+
+def restore_run(ckpt, model, optimizer, schedule, env):
+    """Weights, optimizer moments, schedule position and RNG as saved; returns the RunState."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    schedule.load_state_dict(ckpt["scheduler"])
+    torch.set_rng_state(ckpt["rng_cpu"])
+    if env.device.type == "cuda" and ckpt.get("rng_cuda") is not None:
+        torch.cuda.set_rng_state(ckpt["rng_cuda"], env.device)
+    return RunState(**ckpt["state"])
+
+
+# --- stopping on request --------------------------------------------------------------------------
+
+class StopSignal:
+    """Ctrl-C and SIGTERM, handled the way a long job should be.
+
+    Once `arm()`ed (training), the first signal prints a notice at once and sets `requested`:
+    the loop finishes its step and the trainer saves and exits 130 (143 for SIGTERM). A second
+    signal quits at once with that code; the last checkpoint, written atomically, stays good.
+    Before `arm()` (loading data, compiling) there is nothing to save, and the first quits.
+
+    Python runs signal handlers only between bytecodes, so a handler would wait for a long C++
+    call (a 12 s backward pass on CPU) to return. The C-level handler writes every signal to a
+    wake-up socket at once, and a watcher thread acts on it from there.
+    """
+
+    def __init__(self, out=sys.stderr):
+        self.signum, self.armed, self.out = None, False, out
+        reader, writer = socket.socketpair()
+        writer.setblocking(False)
+        signal.set_wakeup_fd(writer.fileno())  # the main thread only, as for signal.signal
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, lambda signum, frame: None)  # the watcher acts; this keeps Python's C handler in place
+        self._sockets = reader, writer  # kept alive with self
+        threading.Thread(target=self._watch, args=(reader,), daemon=True, name="stop-signal").start()
+
+    @property
+    def requested(self):
+        return self.signum is not None
+
+    @property
+    def exit_code(self):
+        return 128 + self.signum
+
+    def arm(self):
+        self.armed = True
+
+    def _watch(self, reader):
+        while data := reader.recv(1):  # empty once the socket is closed
+            signum = data[0]
+            if signum not in (signal.SIGINT, signal.SIGTERM):
+                continue  # another handler's signal (SIGCHLD, say) shares the socket
+            if self.armed and self.signum is None:
+                self.signum = signum
+                print("\nstopping after this step (Ctrl-C again to quit now)", file=self.out, flush=True)
+                continue
+            what = "quitting now; the last checkpoint is kept" if self.armed else "interrupted before training; nothing saved"
+            print(f"\n{what}", file=self.out, flush=True)
+            os._exit(128 + signum)  # from this thread: the main one may be inside a long C++ call
+
+
+# --- what a result records ---------------------------------------------------------------------
+
+def git_commit(root=ROOT):
+    """The short commit, with "+dirty" when the Python code that runs differs from it (results files don't count)."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=root, timeout=5)
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD").stdout.strip()
+        return commit + ("+dirty" if git("diff", "--quiet", "HEAD", "--", "*.py").returncode else "") if commit else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def run_facts(env):
+    """Device, ranks, versions and commit: stored beside every training and bench result."""
+    import nvidia.dali
+
+    return {"device": env.name, "world_size": env.world, "torch": torch.__version__,
+            "dali": nvidia.dali.__version__, "python": sys.version.split()[0], "commit": git_commit()}
