@@ -11,7 +11,6 @@ Writes runs/<name>/: TensorBoard events, last.pt and best.pt (atomic, every epoc
 import argparse
 import dataclasses
 import gc
-import math
 import os
 import sys
 import time
@@ -21,13 +20,14 @@ import torch
 import torch.distributed as dist
 
 from engine.config import SHORT, Config, UserError, augment, check, planned_steps, resolve, resumed
-from engine.device import CompileCheck, compile_checked, setup_env
+from engine.device import CompileCheck, any_rank, compile_checked, setup_env
 from engine.log import Logger, NullLogger, plural
 from engine.loop import NonFiniteLoss, evaluate, make_optimizer, make_schedule, reestimate_batchnorm, train_epoch
-from engine.run import RunState, StopSignal, load_checkpoint, restore_run, save_run
+from engine.run import (RunFolderLock, RunState, SaveClock, SaveError, StopSignal, load_checkpoint, restore_run, same_data,
+                        save_run)
 from net import build_model
 from pipelines import CLASSES, DataError, load_cifar10, make_loader, subset, synthetic_cifar
-from pipelines.data import pixels
+from pipelines.data import fingerprint, pixels
 from pipelines.preview import one_per_class
 
 
@@ -100,11 +100,25 @@ def main(argv=None):
         return 0
     stop = StopSignal()  # Ctrl-C quits at once while loading; once armed, it stops after a step
     env = setup_env(cfg)  # 2. device, precision, ranks
+    run_dir = Path(cfg.runs) / cfg.name
+    lock = RunFolderLock(run_dir) if env.master else None  # a second process on this folder is refused here
+    stop.before_quit = lock and lock.abandon
+    try:
+        return run(cfg, ckpt, notes, env, stop, run_dir)
+    finally:
+        if lock and not stop.armed:  # the run never started: leave no folder behind
+            lock.abandon()
+
+
+def run(cfg, ckpt, notes, env, stop, run_dir):
     log = Logger(cfg, env) if env.master else NullLogger()
     torch.manual_seed(cfg.seed)
     train, test = load_split(cfg, "train", cfg.limit_train), load_split(cfg, "test", cfg.limit_test)  # 3. data
+    data = fingerprint(*train)
+    if ckpt:  # other data than the run trained on: refused unless --allow-other-data
+        notes.append(same_data(ckpt.get("data"), data, cfg))
     train_loader, test_loader = make_loaders(cfg, env, train, test)
-    steps_per_epoch, run_dir = len(train_loader), Path(cfg.runs) / cfg.name
+    steps_per_epoch = len(train_loader)
     model = build_model(dropout=cfg.dropout).to(env.device, memory_format=torch.channels_last)  # 4. model & co
     optimizer = make_optimizer(cfg, model)
     schedule = make_schedule(cfg, optimizer, steps_per_epoch)
@@ -112,39 +126,50 @@ def main(argv=None):
     compile_check = CompileCheck(model, compiled=False)
     if cfg.compile:  # both graphs (eval, train) built and checked here, not inside epoch 1
         compile_check = compile_checked(model, env, eval_batch=min(cfg.eval_batch_size, test_loader.shard_size),
-                                 train_batch=cfg.batch_size // env.world, mode=cfg.compile_mode)
+                                        train_batch=cfg.batch_size // env.world, mode=cfg.compile_mode)
     train_model = torch.nn.parallel.DistributedDataParallel(compile_check.model) if env.ddp else compile_check.model
     recalibrate, short = short_run(cfg, env, model, train, schedule.total)
 
-    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no folder
+    def save(name):  # rank 0 writes; atomically, so a kill at any moment leaves the previous file whole
+        if env.master:
+            save_run(run_dir / name, model, optimizer, schedule, state, cfg, env, data)
+
     stop.arm()  # from here a stop saves where it is
-    log.start(run_dir, model, schedule, steps_per_epoch, state, notes + [short], compile_check, sizes=(len(train[1]), len(test[1])))
+    log.start(run_dir, model, schedule, steps_per_epoch, state, notes + [short], compile_check,
+              sizes=(len(train[1]), len(test[1])))
     if not ckpt:
         picks = one_per_class(test[1], cfg.seed)
         log.augmentations(pixels(test[0], picks), [CLASSES[c] for c in test[1][picks]])
-    for epoch in range(state.epoch, math.ceil(schedule.total / steps_per_epoch)):  # 5. the epochs
-        start = state.step_in_epoch
-        train_loader.set_epoch(epoch, skip=start)
-        try:
-            part = train_epoch(train_model, optimizer, train_loader, env, schedule=schedule, log_every=cfg.log_every,
-                               label_smoothing=cfg.label_smoothing, start=start, stop=stop,
-                               stop_at=schedule.total - epoch * steps_per_epoch,
-                               log=lambda step, m: log.step(epoch, epoch * steps_per_epoch + step, m))
-        except NonFiniteLoss as e:
-            return log.error(f"non-finite loss at epoch {epoch + 1}, step {e.step + 1}; stopped. The last good "
-                             f"checkpoint is {run_dir / 'last.pt'} (try a lower --lr)")
-        state.add_part(part, start, epoch * steps_per_epoch)
-        if stop.requested and part["end"] < steps_per_epoch and state.step < schedule.total:  # mid-epoch: save as it is
-            if env.master:
-                save_run(run_dir / "last.pt", model, optimizer, schedule, state, cfg, env)
-            return log.stopped(state, stop, f"epoch {epoch + 1}, step {part['end']}")
-        row, confusion, improved = finish_epoch(cfg, env, compile_check.model, test_loader, schedule, state, epoch, recalibrate)
-        if env.master:
-            save_run(run_dir / "last.pt", model, optimizer, schedule, state, cfg, env)
-            if improved:
-                save_run(run_dir / "best.pt", model, optimizer, schedule, state, cfg, env)
+    clock = SaveClock(stop, cfg.checkpoint_every * 60)  # what ends a part of an epoch: a stop, or a checkpoint due
+    resuming = ckpt is not None  # until the first part is done
+    while state.step < schedule.total:  # 5. the epochs (the last may be cut short by --max-steps)
+        epoch, first = state.epoch, state.step - state.step_in_epoch  # first: the epoch's first step in the run
+        end = min(steps_per_epoch, state.step_in_epoch + schedule.total - state.step)
+        while state.step_in_epoch < end:  # the epoch, in parts
+            start = state.step_in_epoch
+            train_loader.set_epoch(epoch, skip=start)
+            try:
+                part = train_epoch(train_model, optimizer, train_loader, env, schedule=schedule, log_every=cfg.log_every,
+                                   label_smoothing=cfg.label_smoothing, start=start, stop_at=end, stop=clock,
+                                   log=lambda step, m: log.step(epoch, first + step, m))
+            except NonFiniteLoss as e:
+                return log.error(f"non-finite loss at epoch {epoch + 1}, step {e.step + 1}; stopped. The last good "
+                                 f"checkpoint is {run_dir / 'last.pt'} (try a lower --lr)")
+            state.add_part(part, start, first, resumed=resuming)
+            resuming = False
+            if part["end"] < end:  # a stop, or a checkpoint due, inside the epoch: save it as it is
+                save("last.pt")
+                clock.saved()
+                if any_rank(stop.requested, env):  # every rank stops here, or none does
+                    return log.stopped(state, stop, f"epoch {epoch + 1}, step {part['end']}")
+        row, confusion, improved = finish_epoch(cfg, env, compile_check.model, test_loader, schedule, state, epoch,
+                                                recalibrate)
+        save("last.pt")
+        clock.saved()
+        if improved:
+            save("best.pt")
         log.epoch(row, state)
-        if stop.requested and state.step < schedule.total:
+        if any_rank(stop.requested, env) and state.step < schedule.total:
             return log.stopped(state, stop, f"the end of epoch {epoch + 1}")
     log.finish(state, confusion)
     return 0
@@ -208,6 +233,9 @@ if __name__ == "__main__":
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         code = 2
+    except SaveError as e:  # a full or read-only disk: what failed and where; the last good checkpoint stays
+        print(f"\nerror: {e}; make room (or fix the folder), then resume the run", file=sys.stderr)
+        code = 1
     if "RANK" in os.environ:
         exit_rank(code)
     sys.exit(code)

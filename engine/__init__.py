@@ -3,7 +3,8 @@
 - `config`: Config (a field per train.py flag), RECIPES, SMOKE, resolve, check, UserError;
 - `device`: Env and setup_env (device, bf16 autocast, DDP, threads), compile_checked;
 - `loop`: the optimizer, the Schedule, train_step, train_epoch, evaluate;
-- `run`: atomic writes, checkpoints read with weights_only, RunState, StopSignal, run_facts;
+- `run`: atomic writes, checkpoints read with weights_only, RunState, the run-folder lock, the
+  data check on resume, StopSignal and SaveClock (when to stop or save), run_facts;
 - `log`: the console / TensorBoard logger (train.py's; the bench passes none).
 
 It stands on `net` and `pipelines` and imports neither entry point.

@@ -84,6 +84,10 @@ class Config:
     runs: str = field(default="runs", metadata={"help": "parent folder of run folders"})
     name: str = field(default=None, metadata={"help": "run folder name (default: date-time-recipe)"})
     resume: str = field(default=None, metadata={"help": "continue the run in this folder from its last.pt"})
+    allow_other_data: bool = field(default=False, metadata={
+        "help": "with --resume: go on although the train data differs from the run's (its saved fingerprint)"})
+    checkpoint_every: float = field(default=10.0, metadata={
+        "help": "minutes between checkpoints inside an epoch, as well as at its end (0: after every step)"})
     log_every: int = field(default=None, metadata={"help": "steps between logs, each a host sync (default: 25 on cuda, 1 on cpu)"})
     smoke: bool = field(default=False, metadata={"help": "tiny generated dataset, 1 epoch on CPU: checks the whole path"})
 
@@ -114,6 +118,8 @@ def resolve(cfg):
 
 def check(cfg):
     """Every mistake in the flags becomes a one-line UserError here, before any work starts."""
+    if cfg.checkpoint_every < 0:
+        raise UserError(f"--checkpoint-every is in minutes, at least 0, not {cfg.checkpoint_every}")
     for key in ("epochs", "batch_size", "eval_batch_size", "log_every", "limit_train", "limit_test", "max_steps"):
         if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             raise UserError(f"{flag(key)} must be at least 1, not {getattr(cfg, key)}")
@@ -151,13 +157,15 @@ def check(cfg):
 
 
 # What a resumed run may change: how long it goes on, and how (not what) it computes.
-RESUME_MAY_CHANGE = ("epochs", "max_steps", "log_every", "device", "compile", "compile_mode", "threads")
+RESUME_MAY_CHANGE = ("epochs", "max_steps", "log_every", "device", "compile", "compile_mode", "threads",
+                     "checkpoint_every", "data", "allow_other_data")  # data: a moved copy, checked by fingerprint
 
 
 def resumed(saved, given, run_dir):
     """(Config, notes): the settings saved in `run_dir`'s checkpoint, with the flags `given` (typed
     ones only) that a resume may change; any other differing flag is refused in one line."""
-    saved = Config(**{**saved, "resume": str(run_dir), "runs": str(run_dir.parent), "name": run_dir.name})
+    saved = Config(**{**saved, "resume": str(run_dir), "runs": str(run_dir.parent), "name": run_dir.name,
+                      "allow_other_data": False})  # asked anew at each resume
     changed = {k: v for k, v in given.items() if getattr(saved, k) != v}
     refused = [f"{flag(k)} {v} (the run has {getattr(saved, k)})" for k, v in changed.items() if k not in RESUME_MAY_CHANGE]
     if refused:

@@ -67,6 +67,16 @@ def setup_env(cfg):
                dali_threads=dali_threads, threads_why=why + (", --threads given" if cfg.threads else ""))
 
 
+def any_rank(flag, env):
+    """True on every rank when it is true on any (one all-reduce under DDP): how the ranks agree
+    to stop, or to save, at the same step."""
+    if not env.ddp:
+        return flag
+    t = torch.tensor([int(flag)], device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())  # sync: only where ranks must agree
+
+
 def idle_cores(seconds=0.2):
     """How many of the cores this process may use were idle over `seconds` (/proc/stat; all of them
     where that cannot be read): a busy process elsewhere takes a core from our threads."""

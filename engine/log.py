@@ -54,7 +54,7 @@ class Logger:
         for note in notes + [check.note, schedule.note]:
             if note:
                 print(f"note: {note}")
-        epochs = math.ceil(self.total / steps_per_epoch) - state.epoch
+        epochs = math.ceil((self.total - state.step + state.step_in_epoch) / steps_per_epoch)  # this one's rest, then whole
         print(f"training {plural(epochs, 'epoch')}, {plural(self.total - state.step, 'step')}; run folder {run_dir}",
               flush=True)
         self.bar = tqdm(total=self.total, initial=state.step, unit="step", dynamic_ncols=True, leave=False)

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .config import total_steps
+from .device import any_rank
 
 
 def make_optimizer(cfg, model):
@@ -100,7 +101,9 @@ def train_epoch(model, optimizer, loader, env, *, schedule=None, label_smoothing
     `after_step()`; loss and accuracy add up on the device. The host syncs
     only on log steps (every `log_every`-th and the last): there it raises NonFiniteLoss if any
     loss so far was not finite, and calls `log(step, metrics)` with the window since the last
-    log step. After the step in which `stop.requested` turns true (Ctrl-C), it returns early.
+    log step. After the step in which `stop.requested` turns true (Ctrl-C, or a checkpoint due),
+    it returns early. Under DDP `stop` is read on log steps only, and the ranks return at the
+    first log step where any of them was asked to: all at the same step.
 
     Returns this call's host totals {"loss_sum", "correct", "images", "steps", "seconds", "end"}
     for this rank: the caller adds an earlier part of a resumed epoch and reduces over ranks.
@@ -117,8 +120,12 @@ def train_epoch(model, optimizer, loader, env, *, schedule=None, label_smoothing
         sums += torch.stack([loss * len(y), correct.float()])
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
         images += len(y)  # a host count: no transfer per step
-        last = step + 1 >= end or (stop is not None and stop.requested)
-        if step % log_every == 0 or last:
+        log_step = step % log_every == 0 or step + 1 >= end
+        halt = stop is not None and (log_step or not env.ddp) and stop.requested
+        if env.ddp and log_step and stop is not None:
+            halt = any_rank(halt, env)
+        last = step + 1 >= end or halt
+        if log_step or last:
             *now, bad = torch.cat([sums, bad_step.view(1).float()]).tolist()  # sync: log steps only
             if bad >= 0:
                 raise NonFiniteLoss(int(bad))

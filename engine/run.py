@@ -1,6 +1,8 @@
 """Around a run: files written atomically, checkpoints read with weights_only, the run's state,
-Ctrl-C and SIGTERM (`StopSignal`), and the facts stored beside every result (`run_facts`)."""
+the run-folder lock, the data check on resume, Ctrl-C and SIGTERM (`StopSignal`), when to save
+inside an epoch (`SaveClock`), and the facts stored beside every result (`run_facts`)."""
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -10,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,18 +30,28 @@ UMASK = os.umask(0o022)
 os.umask(UMASK)  # read once: os.umask can only be read by setting it
 
 
+class SaveError(Exception):
+    """A file could not be written (a full or read-only disk): one line naming it; the previous
+    version of it, if any, is intact."""
+
+
 def write_atomic(path, write):
     """`write(tmp)` to a temporary name beside `path`, then rename: never a half-written file.
 
-    The file gets the mode any new file of the user's would (mkstemp's temporary is 0600)."""
-    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.")
-    os.close(fd)
+    The file gets the mode any new file of the user's would (mkstemp's temporary is 0600). Any
+    OSError (no space, read-only, permissions) becomes a SaveError, with no temporary left behind."""
+    path, tmp = Path(path), None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        os.close(fd)
         write(tmp)
         os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
+    except OSError as e:
+        kept = f"; the previous {path.name} is intact" if path.exists() else ""
+        raise SaveError(f"could not write {path} ({e.strerror or type(e).__name__}){kept}") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
@@ -112,12 +125,13 @@ class RunState:
     def complete(self, cfg):
         return self.epoch >= cfg.epochs or self.step >= (cfg.max_steps or math.inf)
 
-    def add_part(self, part, start, first_step):
-        """Add a (possibly partial) epoch's totals and time from `train_epoch`."""
+    def add_part(self, part, start, first_step, resumed=False):
+        """Add a part of an epoch (all of it, or up to a stop or a checkpoint) from `train_epoch`;
+        `resumed`: the part is the first of a resumed run, which marks its epoch's row."""
         before = self.partial or {"loss_sum": 0.0, "correct": 0.0, "images": 0, "seconds": 0.0, "resumed_at_step": None}
         self.partial = {**{k: before[k] + part[k] for k in ("loss_sum", "correct", "images", "seconds")},
                         "resumed_at_step": before["resumed_at_step"] if before["resumed_at_step"] is not None
-                        else (start or None)}
+                        else (start if resumed and start else None)}
         self.step_in_epoch, self.step = part["end"], first_step + part["end"]
         self.train_s += part["seconds"]
         self.wall_s += part["seconds"]
@@ -136,12 +150,65 @@ class RunState:
         return improved
 
 
-def save_run(path, model, optimizer, schedule, state, cfg, env):
-    """Everything a resume needs, atomically: weights, optimizer moments, schedule, RNG, state, settings."""
+def save_run(path, model, optimizer, schedule, state, cfg, env, data=None):
+    """Everything a resume needs, atomically: weights, optimizer moments, schedule, RNG, state,
+    settings, and the fingerprint of the train data (`pipelines.data.fingerprint`)."""
     save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": schedule.state_dict(), "rng_cpu": torch.get_rng_state(),
                      "rng_cuda": torch.cuda.get_rng_state(env.device) if env.device.type == "cuda" else None,
-                     "state": dataclasses.asdict(state), "config": dataclasses.asdict(cfg)}, path)
+                     "state": dataclasses.asdict(state), "config": dataclasses.asdict(cfg), "data": data}, path)
+
+
+def same_data(saved, now, cfg):
+    """None when the train data matches the run's saved fingerprint; a note when it differs and
+    --allow-other-data says so; otherwise a one-line UserError. Checkpoints from before
+    fingerprints (None) pass with a note."""
+    if saved is None:
+        return "this run's checkpoint has no fingerprint of its data (an older train.py): not checked"
+    if saved == now:
+        return None
+    what = (f"{saved['images']:,} train images then, {now['images']:,} now" if saved["images"] != now["images"] else
+            "other labels" if saved["labels_sha256"] != now["labels_sha256"] else "other images")
+    if cfg.allow_other_data:
+        return f"--data {cfg.data} differs from the data this run trained on ({what}): going on with it, as asked"
+    raise UserError(f"--data {cfg.data} is not the data this run trained on ({what}); resume with that data, or add "
+                    f"--allow-other-data to go on with this")
+
+
+RUN_FILES = ("last.pt", "best.pt", "summary.json")  # what a run folder holds besides TensorBoard's events
+
+
+class RunFolderLock:
+    """One process per run folder, on this machine and on a shared file system that supports locks.
+
+    `RunFolderLock(run_dir)` creates the folder if needed and takes an exclusive flock on its
+    `.lock` file, or raises a one-line UserError naming the process that holds it. The kernel
+    drops the lock when the process ends, however it ends (kill -9 too), so it is never left
+    stuck; the file stays (removing it would race a process about to lock it). Holding the lock,
+    it clears the temporaries a killed process left mid-write. `abandon()`
+    removes the folder again if this lock made it and the run never started."""
+
+    def __init__(self, run_dir):
+        self.run_dir, self.created = Path(run_dir), not Path(run_dir).exists()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o666 & ~UMASK)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(self.fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise UserError(f"{self.run_dir} is in use by another train.py ({holder}); wait for it, stop it, or pick "
+                            f"another --name") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        for name in RUN_FILES:  # temporaries a killed process left mid-write: no one else writes here now
+            for stale in self.run_dir.glob(f".{name}.*"):
+                stale.unlink()
+
+    def abandon(self):
+        if self.created and {p.name for p in self.run_dir.iterdir()} <= {".lock"}:
+            (self.run_dir / ".lock").unlink(missing_ok=True)
+            self.run_dir.rmdir()
 
 
 def restore_run(ckpt, model, optimizer, schedule, env):
@@ -172,6 +239,7 @@ class StopSignal:
 
     def __init__(self, out=sys.stderr):
         self.signum, self.armed, self.out = None, False, out
+        self.before_quit = None  # called before quitting when nothing was saved (a run folder to take back)
         reader, writer = socket.socketpair()
         writer.setblocking(False)
         signal.set_wakeup_fd(writer.fileno())  # the main thread only, as for signal.signal
@@ -185,8 +253,8 @@ class StopSignal:
         return self.signum is not None
 
     @property
-    def exit_code(self):
-        return 128 + self.signum
+    def exit_code(self):  # a DDP rank stopped by another rank's signal exits as if sent SIGTERM
+        return 128 + (self.signum or signal.SIGTERM)
 
     def arm(self):
         self.armed = True
@@ -201,8 +269,27 @@ class StopSignal:
                 print("\nstopping after this step (Ctrl-C again to quit now)", file=self.out, flush=True)
                 continue
             what = "quitting now; the last checkpoint is kept" if self.armed else "interrupted before training; nothing saved"
+            if not self.armed and self.before_quit is not None:
+                self.before_quit()
             print(f"\n{what}", file=self.out, flush=True)
             os._exit(128 + signum)  # from this thread: the main one may be inside a long C++ call
+
+
+class SaveClock:
+    """What the trainer hands train_epoch as `stop`: asks it to return after a stop request, or once
+    `every_s` seconds have passed since the last checkpoint (`saved()`), so that a kill -9 loses
+    at most that long."""
+
+    def __init__(self, stop, every_s):
+        self.stop, self.every_s = stop, every_s
+        self.saved()
+
+    def saved(self):
+        self.due_at = time.monotonic() + self.every_s
+
+    @property
+    def requested(self):
+        return self.stop.requested or time.monotonic() >= self.due_at
 
 
 # --- what a result records ---------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import add_bytes, binary_records, make_split, python_batch
-from pipelines.data import BINARY, DataError, data_format, load_cifar10, subset, synthetic_cifar
+from pipelines.data import BINARY, DataError, data_format, fingerprint, load_cifar10, subset, synthetic_cifar
 
 
 def assert_split(root, split):
@@ -155,6 +155,51 @@ def test_unreadable_image(image_tree):
     (image_tree / "train" / "cat" / "0001.png").write_bytes(b"\x89PNG broken")
     with pytest.raises(DataError, match="0001.png: unreadable image"):
         load_cifar10(image_tree, "train")
+
+
+def corrupt(kind, folder):
+    """A broken file of `kind` written into `folder`, as real trees get them; returns its name."""
+    good = io.BytesIO()
+    Image.fromarray(make_split("train")[0][0]).save(good, format="JPEG", quality=90)
+    if kind == "truncated jpeg":
+        (folder / "0001.jpg").write_bytes(good.getvalue()[:len(good.getvalue()) // 2])  # a copy cut short
+        return "0001.jpg"
+    if kind == "wrong-size png":
+        Image.new("RGB", (64, 48)).save(folder / "0001.png")
+        return "0001.png"
+    (folder / "0001.jpg").write_bytes(b"")  # zero bytes: a copy that never got its contents
+    return "0001.jpg"
+
+
+@pytest.mark.parametrize("encoded", [False, True], ids=["raw", "encoded"])
+@pytest.mark.parametrize("kind, message", [
+    ("truncated jpeg", "truncated JPEG|unreadable image"),  # encoded: the missing end marker; raw: the decoder
+    ("wrong-size png", "image is 64x48 RGB; CIFAR-10 needs 32x32 RGB"),
+    ("zero-byte file", "unreadable image"),
+])
+def test_a_broken_image_in_a_tree_is_refused_at_load_naming_the_file(image_tree, kind, message, encoded):
+    name = corrupt(kind, image_tree / "train" / "cat")
+    with pytest.raises(DataError, match=message) as e:
+        load_cifar10(image_tree, "train", encoded=encoded)
+    assert f"train/cat/{name}: " in str(e.value) and "\n" not in str(e.value)
+
+
+def test_every_encoded_file_is_checked_not_only_the_first(image_tree):
+    last = sorted((image_tree / "train" / "truck").iterdir())[-1]
+    last.write_bytes(last.read_bytes()[:-12])  # the PNG's IEND chunk cut off
+    with pytest.raises(DataError, match=f"{last.name}: truncated PNG"):
+        load_cifar10(image_tree, "train", encoded=True)
+
+
+def test_the_fingerprint_tells_data_apart(image_tree):
+    images, labels = load_cifar10(image_tree, "train")
+    same = fingerprint(*load_cifar10(image_tree, "train"))
+    assert fingerprint(images, labels) == same and same["images"] == 40
+    other_pixels = images.copy()
+    other_pixels[0, 0, 0] ^= 1  # one value of the first image (always in the sample)
+    assert fingerprint(other_pixels, labels)["sample_sha256"] != same["sample_sha256"]
+    assert fingerprint(images, labels[::-1].copy())["labels_sha256"] != same["labels_sha256"]
+    assert fingerprint(*subset(images, labels, 20))["images"] == 20
 
 
 class Exploit:

@@ -1,10 +1,12 @@
 """engine/run.py: atomic files, checkpoints read with weights_only, the run state, Ctrl-C, run facts."""
+import dataclasses
 import io
 import os
 import pickle
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,7 +16,8 @@ import torch
 from engine.config import Config, UserError, resolve
 from engine.device import Env
 from engine.loop import make_optimizer, make_schedule
-from engine.run import RunState, StopSignal, git_commit, load_checkpoint, restore_run, save_run, write_atomic
+from engine.run import (RunFolderLock, RunState, SaveClock, SaveError, StopSignal, git_commit, load_checkpoint, restore_run,
+                        same_data, save_run, write_atomic)
 from net import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,28 +60,19 @@ def test_a_run_saved_and_restored_continues_where_it_was(tmp_path):
 def test_run_state_adds_the_parts_of_an_epoch_cut_by_a_stop():
     state = RunState()
     state.add_part({"loss_sum": 8.0, "correct": 4.0, "images": 16, "seconds": 2.0, "end": 1}, start=0, first_step=0)
-    state.add_part({"loss_sum": 24.0, "correct": 12.0, "images": 48, "seconds": 3.0, "end": 4}, start=1, first_step=0)
+    state.add_part({"loss_sum": 24.0, "correct": 12.0, "images": 48, "seconds": 3.0, "end": 4}, start=1, first_step=0,
+                   resumed=True)
     assert (state.step, state.step_in_epoch, state.train_s) == (4, 4, 5.0)
     assert state.partial == {"loss_sum": 32.0, "correct": 16.0, "images": 64, "seconds": 5.0, "resumed_at_step": 1}
     row = {"epoch": 1, "test_acc": 0.4}
     assert state.end_epoch(row, eval_s=1.0, target_acc=0.3)  # the best so far
     assert row["resumed_at_step"] == 1 and state.history == [row] and state.partial is None
     assert (state.epoch, state.step_in_epoch, state.best_acc, state.target_epoch, state.target_wall_s) == (1, 0, 0.4, 1, 6.0)
-    state.add_part({"loss_sum": 8.0, "correct": 4.0, "images": 16, "seconds": 2.0, "end": 4}, start=0, first_step=4)
-    assert not state.end_epoch({"epoch": 2, "test_acc": 0.3}, eval_s=1.0, target_acc=0.3)
+    for start, end in ((0, 2), (2, 4)):  # a checkpoint after step 2, in the same process: not a resume
+        state.add_part({"loss_sum": 4.0, "correct": 2.0, "images": 8, "seconds": 1.0, "end": end}, start=start, first_step=4)
+    row = {"epoch": 2, "test_acc": 0.3}
+    assert not state.end_epoch(row, eval_s=1.0, target_acc=0.3) and "resumed_at_step" not in row
     assert state.target_epoch == 1 and state.complete(resolve(Config(smoke=True, epochs=2)))
-
-
-def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
-    (tmp_path / "last.pt").write_bytes(b"the good one")
-
-    def fails_halfway(tmp):
-        Path(tmp).write_bytes(b"half")
-        raise OSError(28, "No space left on device")
-
-    with pytest.raises(OSError):
-        write_atomic(tmp_path / "last.pt", fails_halfway)
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"] and (tmp_path / "last.pt").read_bytes() == b"the good one"
 
 
 class Boom:
@@ -88,7 +82,7 @@ class Boom:
 
 @pytest.mark.parametrize("content, message", [
     (b"", "is empty (0 bytes)"),
-    (os.urandom(512), "not a readable torch.save file"),
+    (bytes(range(256)) * 2, "not a readable torch.save file"),  # fixed bytes: the same test id on every xdist worker
     (pickle.dumps({"model": Boom()}), "not a readable torch.save file"),
     (None, "not a checkpoint of this project"),
     ("code", "objects other than tensors"),
@@ -181,3 +175,83 @@ def test_results_name_the_commit_and_say_when_the_code_differs_from_it(tmp_path)
     (tmp_path / "model.py").write_text("width = 64\n")
     assert git_commit(tmp_path) == commit + "+dirty"
     assert git_commit(tmp_path / "nowhere") is None
+
+
+# --- what real runs meet: a full disk, two processes on a folder, other data ----------------------
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), OSError(30, "Read-only file system")])
+def test_a_write_that_fails_is_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch, error):
+    (tmp_path / "last.pt").write_bytes(b"the good one")
+
+    def fails_halfway(tmp):
+        Path(tmp).write_bytes(b"half")
+        raise error
+
+    with pytest.raises(SaveError) as e:
+        write_atomic(tmp_path / "last.pt", fails_halfway)
+    assert str(e.value) == f"could not write {tmp_path / 'last.pt'} ({error.strerror}); the previous last.pt is intact"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary left behind
+    assert (tmp_path / "last.pt").read_bytes() == b"the good one"
+    monkeypatch.setattr(tempfile, "mkstemp", lambda **kw: (_ for _ in ()).throw(OSError(30, "Read-only file system")))
+    with pytest.raises(SaveError, match=r"could not write .*summary.json \(Read-only file system\)$"):
+        write_atomic(tmp_path / "summary.json", lambda tmp: None)  # not even a temporary could be made
+
+
+def test_a_second_process_on_a_run_folder_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; from engine.run import RunFolderLock; "
+                               f"lock = RunFolderLock({str(tmp_path / 'run')!r}); print('locked', flush=True); time.sleep(600)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(UserError) as e:
+            RunFolderLock(tmp_path / "run")
+        assert f"{tmp_path / 'run'} is in use by another train.py (pid {holder.pid} on " in str(e.value)
+    finally:
+        holder.kill()  # kill -9: no chance to clean up
+        holder.wait()
+    lock = RunFolderLock(tmp_path / "run")  # the kernel let go of the dead process's lock
+    assert not lock.created
+
+
+def test_a_run_folder_made_for_a_run_that_never_started_is_taken_back(tmp_path):
+    lock = RunFolderLock(tmp_path / "new")
+    assert lock.created and (tmp_path / "new" / ".lock").exists()
+    lock.abandon()
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "old").mkdir()
+    RunFolderLock(tmp_path / "old").abandon()  # not made by it: left alone
+    assert (tmp_path / "old").exists()
+
+
+def fingerprints(**changes):
+    base = {"images": 50_000, "labels_sha256": "a" * 64, "sample_sha256": "b" * 64}
+    return base, {**base, **changes}
+
+
+@pytest.mark.parametrize("changes, what", [
+    ({"images": 2_500}, "50,000 train images then, 2,500 now"),
+    ({"labels_sha256": "c" * 64}, "other labels"),
+    ({"sample_sha256": "c" * 64}, "other images"),
+])
+def test_a_resume_on_other_data_is_refused_unless_asked_for(changes, what):
+    saved, now = fingerprints(**changes)
+    cfg = resolve(Config(data="elsewhere", device="cpu"))
+    with pytest.raises(UserError) as e:
+        same_data(saved, now, cfg)
+    assert str(e.value) == (f"--data elsewhere is not the data this run trained on ({what}); resume with that data, "
+                            f"or add --allow-other-data to go on with this")
+    assert what in same_data(saved, now, dataclasses.replace(cfg, allow_other_data=True))  # a note, and on it goes
+    assert same_data(saved, saved, cfg) is None
+    assert "no fingerprint" in same_data(None, now, cfg)  # a checkpoint from before fingerprints
+
+
+def test_the_save_clock_asks_for_a_checkpoint_when_due_or_on_a_stop():
+    class Stop:
+        requested = False
+
+    clock = SaveClock(Stop(), every_s=3600)
+    assert not clock.requested
+    clock.stop.requested = True
+    assert clock.requested
+    clock = SaveClock(Stop(), every_s=0)  # --checkpoint-every 0: after every step
+    assert clock.requested
