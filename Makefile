@@ -28,7 +28,7 @@ else
 TORCH ?= torch
 endif
 
-.PHONY: install test train smoke bench data tensorboard gpu-check clean
+.PHONY: install test train smoke bench data tensorboard gpu-check eval predict export results clean
 
 install: $(STAMP)
 .venv/.installed: pyproject.toml
@@ -64,9 +64,24 @@ test: $(STAMP)
 	$(PY) -m pytest -n auto --dist loadgroup $(ARGS)
 
 # Default data/ is fetched first when missing (not when ARGS name --data, --resume or --smoke).
+# SEEDS="0 1 2": the same settings once per seed (into RUNS, default runs/), then the results there.
 train: $(STAMP)
 	$(if $(findstring --data,$(ARGS))$(findstring --resume,$(ARGS))$(findstring --smoke,$(ARGS)),,@test -e data || $(MAKE) data)
-	$(PY) train.py $(ARGS)
+	$(if $(SEEDS),for seed in $(SEEDS); do $(PY) train.py --seed $$seed $(if $(RUNS),--runs $(RUNS)) $(ARGS) || exit $$?; \
+	done; $(PY) results.py $(or $(RUNS),runs),$(PY) train.py $(ARGS))
+
+# Finished runs grouped by settings, mean ± std over seeds (RUNS: another folder of runs).
+results: $(STAMP)
+	$(PY) results.py $(or $(RUNS),runs)
+
+# After training: RUN names a run folder (runs/<name>); ARGS passes flags (--tta, --checkpoint last, ...).
+RUN_GIVEN = $(if $(RUN),,$(error name the run: make $@ RUN=runs/<name>))
+eval: $(STAMP)
+	$(RUN_GIVEN)$(PY) evaluate.py "$(RUN)" $(ARGS)
+predict: $(STAMP)
+	$(RUN_GIVEN)$(if $(IMAGES),,$(error name the images: make predict RUN=$(RUN) IMAGES="a.png b.jpg"))$(PY) predict.py "$(RUN)" $(IMAGES) $(ARGS)
+export: $(STAMP)
+	$(RUN_GIVEN)$(PY) export.py "$(RUN)" $(ARGS)
 
 smoke: $(STAMP)
 	$(PY) train.py --smoke $(ARGS)

@@ -20,11 +20,11 @@ import torch
 import torch.distributed as dist
 
 from engine.config import SHORT, Config, UserError, augment, check, planned_steps, resolve, resumed
-from engine.device import CompileCheck, any_rank, compile_checked, setup_env
+from engine.device import CompileCheck, any_rank, assert_ranks_agree, compile_checked, setup_env
 from engine.log import Logger, NullLogger, plural
-from engine.loop import NonFiniteLoss, evaluate, make_optimizer, make_schedule, reestimate_batchnorm, train_epoch
-from engine.run import (RunFolderLock, RunState, SaveClock, SaveError, StopSignal, load_checkpoint, restore_run, same_data,
-                        save_run)
+from engine.loop import EMA, NonFiniteLoss, evaluate, make_optimizer, make_schedule, reestimate_batchnorm, train_epoch
+from engine.run import (RunFolderLock, RunState, SaveClock, SaveError, StopSignal, init_from, load_checkpoint, restore_run,
+                        same_data, save_run)
 from net import build_model
 from pipelines import CLASSES, DataError, load_cifar10, make_loader, subset, synthetic_cifar
 from pipelines.data import fingerprint, pixels
@@ -80,7 +80,7 @@ def short_run(cfg, env, model, train, total):
         loader = make_loader(*subset(*train, n, seed=cfg.seed), batch_size=min(cfg.batch_size // env.world, n), train=False,
                              device=env.device, shard_id=env.rank, num_shards=env.world, dtype=env.dtype,
                              num_threads=env.dali_threads)
-        recalibrate = lambda: reestimate_batchnorm(model, loader, env)  # noqa: E731 (the eager model: no new graph)
+        recalibrate = lambda m=model: reestimate_batchnorm(m, loader, env)  # noqa: E731 (eager models: no new graph)
     if total >= SHORT:
         return recalibrate, None
     return recalibrate, (f"a short run ({plural(total, 'step')}; the `{cfg.recipe}` recipe plans {planned_steps(cfg.recipe):,} "
@@ -123,6 +123,11 @@ def run(cfg, ckpt, notes, env, stop, run_dir):
     optimizer = make_optimizer(cfg, model)
     schedule = make_schedule(cfg, optimizer, steps_per_epoch)
     state = restore_run(ckpt, model, optimizer, schedule, env) if ckpt else RunState()
+    if cfg.init_from and not ckpt:  # fine-tuning: another run's weights, a fresh optimizer (a resume has its own)
+        notes.append(init_from(model, cfg.init_from))
+    ema = EMA(model, cfg.ema) if cfg.ema else None  # made now: the average starts from the weights in place
+    if ema and ckpt:
+        ema.load_state_dict(ckpt["ema"])
     compile_check = CompileCheck(model, compiled=False)
     if cfg.compile:  # both graphs (eval, train) built and checked here, not inside epoch 1
         compile_check = compile_checked(model, env, eval_batch=min(cfg.eval_batch_size, test_loader.shard_size),
@@ -132,7 +137,7 @@ def run(cfg, ckpt, notes, env, stop, run_dir):
 
     def save(name):  # rank 0 writes; atomically, so a kill at any moment leaves the previous file whole
         if env.master:
-            save_run(run_dir / name, model, optimizer, schedule, state, cfg, env, data)
+            save_run(run_dir / name, model, optimizer, schedule, state, cfg, env, data, ema)
 
     stop.arm()  # from here a stop saves where it is
     log.start(run_dir, model, schedule, steps_per_epoch, state, notes + [short], compile_check,
@@ -149,7 +154,7 @@ def run(cfg, ckpt, notes, env, stop, run_dir):
             start = state.step_in_epoch
             train_loader.set_epoch(epoch, skip=start)
             try:
-                part = train_epoch(train_model, optimizer, train_loader, env, schedule=schedule, log_every=cfg.log_every,
+                part = train_epoch(train_model, optimizer, train_loader, env, schedule=schedule, ema=ema, log_every=cfg.log_every,
                                    label_smoothing=cfg.label_smoothing, start=start, stop_at=end, stop=clock,
                                    log=lambda step, m: log.step(epoch, first + step, m))
             except NonFiniteLoss as e:
@@ -163,7 +168,7 @@ def run(cfg, ckpt, notes, env, stop, run_dir):
                 if any_rank(stop.requested, env):  # every rank stops here, or none does
                     return log.stopped(state, stop, f"epoch {epoch + 1}, step {part['end']}")
         row, confusion, improved = finish_epoch(cfg, env, compile_check.model, test_loader, schedule, state, epoch,
-                                                recalibrate)
+                                                recalibrate, ema)
         save("last.pt")
         clock.saved()
         if improved:
@@ -171,13 +176,14 @@ def run(cfg, ckpt, notes, env, stop, run_dir):
         log.epoch(row, state)
         if any_rank(stop.requested, env) and state.step < schedule.total:
             return log.stopped(state, stop, f"the end of epoch {epoch + 1}")
-    log.finish(state, confusion)
+    tta = evaluate(compile_check.model, test_loader, env, tta=True)[1] if cfg.tta else None  # beside, not instead
+    log.finish(state, confusion, tta)
     return 0
 
 
-def finish_epoch(cfg, env, model, test_loader, schedule, state, epoch, recalibrate=None):
-    """Reduce the epoch's totals over ranks, [re-estimate BatchNorm,] evaluate, step a per-epoch
-    schedule, record the epoch in `state`: (row, confusion, improved)."""
+def finish_epoch(cfg, env, model, test_loader, schedule, state, epoch, recalibrate=None, ema=None):
+    """Reduce the epoch's totals over ranks, [re-estimate BatchNorm,] evaluate (the weights' average
+    too, with --ema), step a per-epoch schedule, record the epoch in `state`: (row, confusion, improved)."""
     p = state.partial
     totals = torch.tensor([p["loss_sum"], p["correct"], p["images"]], dtype=torch.float64, device=env.device)
     t_eval = time.perf_counter()
@@ -189,23 +195,20 @@ def finish_epoch(cfg, env, model, test_loader, schedule, state, epoch, recalibra
             dist.broadcast(b, 0)
     loss_sum, correct, images = totals.tolist()  # sync: once per epoch
     test_loss, test_acc, confusion = evaluate(model, test_loader, env)
+    averaged = {}
+    if ema:  # every rank holds the same average (same weights, same steps): nothing to broadcast
+        if recalibrate:
+            recalibrate(ema.model)
+        averaged["ema_test_loss"], averaged["ema_test_acc"], _ = evaluate(ema.model, test_loader, env)
     schedule.after_eval(test_loss)
     eval_s = time.perf_counter() - t_eval
     if env.ddp:
         assert_ranks_agree(model)
     row = {"epoch": epoch + 1, "step": state.step, "lr": schedule.lr, "train_loss": loss_sum / images,
-           "train_acc": correct / images, "test_loss": test_loss, "test_acc": test_acc,
+           "train_acc": correct / images, "test_loss": test_loss, "test_acc": test_acc, **averaged,
            "img_per_s": images / p["seconds"], "epoch_s": p["seconds"] + eval_s}
     improved = state.end_epoch(row, eval_s, cfg.target_acc)
     return row, confusion, improved
-
-
-def assert_ranks_agree(model):
-    """DDP keeps replicas identical; check it cheaply (one number per rank) after every epoch."""
-    total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().view(1)
-    every = [torch.zeros_like(total) for _ in range(dist.get_world_size())]
-    dist.all_gather(every, total)
-    assert all(torch.equal(t, every[0]) for t in every), f"ranks disagree on the weights: {every}"
 
 
 def exit_rank(code):

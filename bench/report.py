@@ -1,9 +1,12 @@
 """The bench's report: the Markdown table with its notes, TensorBoard scalars, and the accuracy
-section read from the newest training run's summary.json."""
+section: the newest training run's summary.json, and every finished run grouped by settings
+(mean ± std over seeds, engine/results.py)."""
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+from engine.results import finished_runs, format_groups, group_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,7 +21,8 @@ def accuracy(train_first, data, device):
     return {"run": str(summaries[-1].parent.relative_to(ROOT)), "device": s["device"], "best_acc": s["best_acc"],
             "epochs_run": s["epochs_run"], "epoch_to_target": s["epoch_to_target"],
             "wall_s_to_target": s["wall_s_to_target"], "target_acc": s["target_acc"], "data": s["config"]["data"],
-            "smoke": s["config"]["smoke"], "train_images": s.get("train_images"), "test_images": s.get("test_images")}
+            "smoke": s["config"]["smoke"], "train_images": s.get("train_images"), "test_images": s.get("test_images"),
+            "groups": group_runs(finished_runs(ROOT / "runs"))}  # every finished run, mean ± std over seeds
 
 
 def figure(v):
@@ -74,6 +78,9 @@ def table(results):
                 else "data size not recorded"
             lines.append(f"- accuracy of the newest run ({acc['run']}, {acc['device']}, {size}, {acc['epochs_run']} "
                          f"epochs{', generated smoke data' if acc['smoke'] else ''}): best {acc['best_acc']:.2%}; {reached}")
+            if acc.get("groups"):
+                lines += ["- accuracy over the finished runs under runs/, grouped by settings (mean ± std over seeds; "
+                          "`make train SEEDS=\"0 1 2 3 4\"` adds runs):", "", format_groups(acc["groups"]), ""]
         else:
             lines.append("- accuracy: no training run found under runs/ (run `make train`, or `make bench ARGS=--train`)")
     lines += [f"- skipped: {k}: {v}" for k, v in results["skipped"].items()]

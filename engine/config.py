@@ -80,6 +80,13 @@ class Config:
     bn_reestimate: int = field(default=None, metadata={
         "help": "re-estimate BatchNorm statistics on this many train images before each evaluation, 0 to never "
                 f"(default: 1000 in runs of under {SHORT} steps, whose running averages lag the weights)"})
+    ema: float = field(default=None, metadata={
+        "help": "also keep an exponential moving average of the weights, this decay per step (e.g. 0.999), "
+                "evaluated beside them every epoch (default: off)"})
+    tta: bool = field(default=False, metadata={
+        "help": "also evaluate the final weights with flip test-time augmentation, reported beside the plain accuracy"})
+    init_from: str = field(default=None, metadata={
+        "help": "start from this run folder's best weights (fine-tuning); optimizer and schedule start fresh"})
     target_acc: float = field(default=0.85, metadata={"help": "record when test accuracy first reaches this"})
     runs: str = field(default="runs", metadata={"help": "parent folder of run folders"})
     name: str = field(default=None, metadata={"help": "run folder name (default: date-time-recipe)"})
@@ -118,6 +125,8 @@ def resolve(cfg):
 
 def check(cfg):
     """Every mistake in the flags becomes a one-line UserError here, before any work starts."""
+    if cfg.ema is not None and not 0 < cfg.ema < 1:
+        raise UserError(f"--ema is a decay per step in (0, 1), such as 0.999, not {cfg.ema}")
     if cfg.checkpoint_every < 0:
         raise UserError(f"--checkpoint-every is in minutes, at least 0, not {cfg.checkpoint_every}")
     for key in ("epochs", "batch_size", "eval_batch_size", "log_every", "limit_train", "limit_test", "max_steps"):
@@ -158,7 +167,7 @@ def check(cfg):
 
 # What a resumed run may change: how long it goes on, and how (not what) it computes.
 RESUME_MAY_CHANGE = ("epochs", "max_steps", "log_every", "device", "compile", "compile_mode", "threads",
-                     "checkpoint_every", "data", "allow_other_data")  # data: a moved copy, checked by fingerprint
+                     "checkpoint_every", "data", "allow_other_data", "tta")  # data: a moved copy, checked by fingerprint
 
 
 def resumed(saved, given, run_dir):

@@ -77,6 +77,14 @@ def any_rank(flag, env):
     return bool(t.item())  # sync: only where ranks must agree
 
 
+def assert_ranks_agree(model):
+    """DDP keeps replicas identical; check it cheaply (one number per rank) after every epoch."""
+    total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().view(1)
+    every = [torch.zeros_like(total) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, total)
+    assert all(torch.equal(t, every[0]) for t in every), f"ranks disagree on the weights: {every}"
+
+
 def idle_cores(seconds=0.2):
     """How many of the cores this process may use were idle over `seconds` (/proc/stat; all of them
     where that cannot be read): a busy process elsewhere takes a core from our threads."""

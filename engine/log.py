@@ -23,6 +23,7 @@ from .run import run_facts, write_json
 
 STEP_TAGS = {"loss": "loss/train_step", "acc": "accuracy/train_step", "lr": "lr/step", "img_per_s": "throughput/step_img_per_s"}
 EPOCH_TAGS = {"train_loss": "loss/train", "test_loss": "loss/test", "train_acc": "accuracy/train", "test_acc": "accuracy/test",
+              "ema_test_loss": "loss/test_ema", "ema_test_acc": "accuracy/test_ema",  # with --ema
               "lr": "lr/epoch", "img_per_s": "throughput/train_img_per_s", "epoch_s": "time/epoch_s"}
 COST_NOTICE_S = 900  # a CPU run longer than a quarter of an hour is told of the short run below
 
@@ -86,24 +87,28 @@ class Logger:
 
     def epoch(self, row, state):
         for key, tag in EPOCH_TAGS.items():
-            self.writer.add_scalar(tag, row[key], row["epoch"])
+            if key in row:
+                self.writer.add_scalar(tag, row[key], row["epoch"])
         self.writer.add_scalar("accuracy/best_test", state.best_acc, row["epoch"])
         self.summary(state, complete=False)
         self.bar.write(f"epoch {row['epoch']:3d}/{self.cfg.epochs} | train loss {row['train_loss']:.3f} "
                        f"acc {row['train_acc']:6.2%} | test loss {row['test_loss']:.3f} acc {row['test_acc']:6.2%} | "
-                       f"lr {row['lr']:.2e} | {row['img_per_s']:8,.0f} img/s | {row['epoch_s']:5.1f} s"
+                       + (f"ema acc {row['ema_test_acc']:6.2%} | " if "ema_test_acc" in row else "")
+                       + f"lr {row['lr']:.2e} | {row['img_per_s']:8,.0f} img/s | {row['epoch_s']:5.1f} s"
                        + (f" (resumed at step {row['resumed_at_step']})" if "resumed_at_step" in row else ""))
 
-    def summary(self, state, complete):
+    def summary(self, state, complete, tta=None):
         h = state.history
         write_json({"config": dataclasses.asdict(self.cfg), **self.facts, "complete": complete,
-                    "best_acc": state.best_acc, "final_acc": h[-1]["test_acc"] if h else None,
+                    "best_acc": state.best_acc, "best_weights": state.best_weights,
+                    "final_acc": h[-1]["test_acc"] if h else None, "final_tta_acc": tta,
+                    "final_ema_acc": h[-1].get("ema_test_acc") if h else None,
                     "epochs_run": len(h), "steps": state.step, "wall_s": state.wall_s, "train_s": state.train_s,
                     "mean_train_img_per_s": float(np.mean([e["img_per_s"] for e in h])) if h else None,
                     "target_acc": self.cfg.target_acc, "epoch_to_target": state.target_epoch,
                     "wall_s_to_target": state.target_wall_s, "history": h}, self.run_dir / "summary.json")
 
-    def finish(self, state, confusion):
+    def finish(self, state, confusion, tta=None):
         from pipelines.preview import confusion_image
 
         self.bar.close()
@@ -114,10 +119,11 @@ class Logger:
                               dataformats="HWC")
         self.hparams()
         self.writer.close()
-        self.summary(state, complete=True)
+        self.summary(state, complete=True, tta=tta)
         reached = (f"reached {self.cfg.target_acc:.0%} at epoch {state.target_epoch} ({state.target_wall_s:.1f} s)"
                    if state.target_epoch else f"did not reach {self.cfg.target_acc:.0%}")
-        print(f"done: best test acc {state.best_acc:.2%}, final {final:.2%}, {reached}; {self.run_dir}/summary.json")
+        print(f"done: best test acc {state.best_acc:.2%}, final {final:.2%}"
+              + (f" ({tta:.2%} with flip TTA)" if tta is not None else "") + f", {reached}; {self.run_dir}/summary.json")
 
     def hparams(self):
         """The resolved settings in TensorBoard's HPARAMS table, beside the final and best test accuracy.

@@ -4,6 +4,7 @@
 steps. Nothing here prints: callers pass a `log` callback (the bench passes none).
 """
 import contextlib
+import copy
 import time
 from dataclasses import dataclass
 
@@ -93,12 +94,47 @@ def train_step(model, optimizer, x, y, *, label_smoothing=0.0, autocast=contextl
     return loss.detach(), (logits.detach().argmax(1) == y).sum()
 
 
-def train_epoch(model, optimizer, loader, env, *, schedule=None, label_smoothing=0.0, log_every=25,
+class EMA:
+    """An exponential moving average of a model's weights and BatchNorm statistics (`--ema DECAY`).
+
+    `update()` after every optimizer step folds in `source` (the eager model, whatever wrapper
+    trains it); `model` is the average, an eager copy that is evaluated beside the raw weights.
+    The decay warms up as min(decay, (1 + t) / (10 + t)) over the first updates t, so that the
+    average of a short run is not mostly its initial weights. BatchNorm's running statistics
+    are averaged like the weights (they describe the activations of the weights averaged), and
+    its integer batch count is copied.
+    """
+
+    def __init__(self, source, decay):
+        self.decay, self.updates = decay, 0
+        self.model = copy.deepcopy(source).eval()
+        self.model.requires_grad_(False)
+        pairs = list(zip(self.model.state_dict().values(), source.state_dict().values()))  # views, updated in place
+        self.floats = [list(t) for t in zip(*[(a, s) for a, s in pairs if a.is_floating_point()])]
+        self.counts = [(a, s) for a, s in pairs if not a.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self):
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(*self.floats, 1 - decay)  # one fused kernel per dtype on a GPU, not one per tensor
+        for averaged, current in self.counts:
+            averaged.copy_(current)
+
+    def state_dict(self):
+        return {"model": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state["model"])
+        self.updates = state["updates"]
+
+
+def train_epoch(model, optimizer, loader, env, *, schedule=None, ema=None, label_smoothing=0.0, log_every=25,
                 start=0, stop_at=None, stop=None, log=None):
     """One epoch of `loader`, numbered from step `start`, ending before step `stop_at` if given.
 
     The loop train.py runs and the bench times. Per step: `train_step`, then the schedule's
-    `after_step()`; loss and accuracy add up on the device. The host syncs
+    `after_step()` and the weight average's `update()` (when there is one); loss and accuracy add up on the device. The host syncs
     only on log steps (every `log_every`-th and the last): there it raises NonFiniteLoss if any
     loss so far was not finite, and calls `log(step, metrics)` with the window since the last
     log step. After the step in which `stop.requested` turns true (Ctrl-C, or a checkpoint due),
@@ -117,6 +153,8 @@ def train_epoch(model, optimizer, loader, env, *, schedule=None, label_smoothing
         loss, correct = train_step(model, optimizer, x, y, label_smoothing=label_smoothing, autocast=env.autocast)
         if schedule is not None:
             schedule.after_step()
+        if ema is not None:
+            ema.update()
         sums += torch.stack([loss * len(y), correct.float()])
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
         images += len(y)  # a host count: no transfer per step
@@ -169,14 +207,19 @@ def reestimate_batchnorm(model, loader, env):
 
 
 @torch.no_grad()
-def evaluate(model, loader, env, num_classes=10):
-    """(mean loss, accuracy, confusion matrix [true, predicted]) over all ranks' shards."""
+def evaluate(model, loader, env, num_classes=10, tta=False):
+    """(mean loss, accuracy, confusion matrix [true, predicted]) over all ranks' shards.
+
+    tta: flip test-time augmentation, the logits of each image and its mirror averaged (the
+    mirror is one of the training augmentations, so the model has seen such images)."""
     model.eval()
     loss_sum = torch.zeros((), device=env.device)
     confusion = torch.zeros(num_classes**2, dtype=torch.long, device=env.device)
     for x, y in loader:
         with env.autocast():
             logits = model(x)
+            if tta:
+                logits = (logits.float() + model(x.flip(3)).float()) / 2
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         # index_add_, not bincount: CUDA bincount reads min and max, two host syncs per batch
         confusion.index_add_(0, y * num_classes + logits.argmax(1), torch.ones_like(y))

@@ -66,13 +66,12 @@ def write_json(obj, path):
 CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "rng_cpu", "state", "config"}
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, fix="pass a run folder that train.py wrote, or start a new run without --resume"):
     """A checkpoint this project wrote, read with weights_only=True (tensors and plain data only).
 
-    Anything else raises UserError: one line naming the file and what to do.
+    Anything else raises UserError: one line naming the file and `fix`, what to do.
     """
     path = Path(path)
-    fix = "pass a run folder that train.py wrote, or start a new run without --resume"
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}; {fix}")
     if path.stat().st_size == 0:
@@ -91,7 +90,7 @@ def load_checkpoint(path):
     unknown = set(ckpt["config"]) - {f.name for f in dataclasses.fields(Config)}
     if unknown:
         raise UserError(f"{path} was written by another version (unknown settings {sorted(unknown)}); {fix}")
-    if {f.name for f in dataclasses.fields(RunState)} - set(ckpt["state"]):
+    if {"epoch", "step_in_epoch", "step", "history", "partial"} - set(ckpt["state"]):  # later fields have defaults
         raise UserError(f"{path} was written by an older train.py; {fix}")
     return ckpt
 
@@ -121,6 +120,7 @@ class RunState:
     target_epoch: int = None  # the first epoch whose test accuracy reached --target-acc
     target_wall_s: float = None
     partial: dict = None  # the current epoch's totals so far, across a stop and resume
+    best_weights: str = "raw"  # which weights gave best_acc: "raw", or "ema" (their moving average)
 
     def complete(self, cfg):
         return self.epoch >= cfg.epochs or self.step >= (cfg.max_steps or math.inf)
@@ -137,26 +137,31 @@ class RunState:
         self.wall_s += part["seconds"]
 
     def end_epoch(self, row, eval_s, target_acc):
-        """Record a finished epoch's row; returns whether its test accuracy is the best so far."""
+        """Record a finished epoch's row; returns whether its test accuracy (of the raw weights, or of
+        their average where there is one) is the best so far."""
         self.wall_s += eval_s
         if self.partial["resumed_at_step"] is not None:
             row["resumed_at_step"] = self.partial["resumed_at_step"]  # trained in two sessions; totals cover it all
-        improved = row["test_acc"] > self.best_acc
-        if row["test_acc"] >= target_acc and self.target_epoch is None:
+        acc, weights = max((row["test_acc"], "raw"), (row.get("ema_test_acc", -1.0), "ema"))
+        improved = acc > self.best_acc
+        if acc >= target_acc and self.target_epoch is None:
             self.target_epoch, self.target_wall_s = row["epoch"], self.wall_s
         self.history.append(row)
-        self.best_acc = max(self.best_acc, row["test_acc"])
+        if improved:
+            self.best_acc, self.best_weights = acc, weights
         self.epoch, self.step_in_epoch, self.partial = row["epoch"], 0, None
         return improved
 
 
-def save_run(path, model, optimizer, schedule, state, cfg, env, data=None):
+def save_run(path, model, optimizer, schedule, state, cfg, env, data=None, ema=None):
     """Everything a resume needs, atomically: weights, optimizer moments, schedule, RNG, state,
-    settings, and the fingerprint of the train data (`pipelines.data.fingerprint`)."""
+    settings, the fingerprint of the train data (`pipelines.data.fingerprint`) and the weights'
+    moving average (`--ema`)."""
     save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": schedule.state_dict(), "rng_cpu": torch.get_rng_state(),
                      "rng_cuda": torch.cuda.get_rng_state(env.device) if env.device.type == "cuda" else None,
-                     "state": dataclasses.asdict(state), "config": dataclasses.asdict(cfg), "data": data}, path)
+                     "state": dataclasses.asdict(state), "config": dataclasses.asdict(cfg), "data": data,
+                     "ema": ema.state_dict() if ema else None}, path)
 
 
 def same_data(saved, now, cfg):
@@ -209,6 +214,41 @@ class RunFolderLock:
         if self.created and {p.name for p in self.run_dir.iterdir()} <= {".lock"}:
             (self.run_dir / ".lock").unlink(missing_ok=True)
             self.run_dir.rmdir()
+
+
+def load_weights(run_dir, which="best", weights=None, flag="the run"):
+    """(state_dict, label, checkpoint, Config) of `run_dir`'s best.pt or last.pt, for what comes
+    after training: evaluation, prediction, export, fine-tuning. `weights`: "raw" or "ema" (the
+    moving average of --ema runs); None takes those best.pt marks as best, and last.pt's raw
+    ones. One-line UserError for anything else."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{flag} {run_dir} is not a folder; pass a run folder that train.py wrote (runs/<name>)")
+    ckpt = load_checkpoint(run_dir / f"{which}.pt", fix="pass a run folder that train.py wrote (runs/<name>)")
+    weights = weights or (ckpt["state"].get("best_weights", "raw") if which == "best" else "raw")
+    if weights == "ema" and not ckpt.get("ema"):
+        raise UserError(f"{run_dir / f'{which}.pt'} holds no weight average (the run had no --ema); use its raw weights")
+    return (ckpt["ema"]["model"] if weights == "ema" else ckpt["model"]), weights, ckpt, Config(**ckpt["config"])
+
+
+def init_from(model, run_dir):
+    """Load another run's best weights into `model` (fine-tuning): a note saying which, or a
+    one-line UserError when they do not fit it (checked tensor by tensor, before loading)."""
+    theirs, weights, ckpt, _ = load_weights(run_dir, "best", flag="--init-from")
+    mine = model.state_dict()
+    misfits = [k for k in sorted(set(mine) | set(theirs)) if k not in mine or k not in theirs or mine[k].shape != theirs[k].shape]
+    if misfits:
+        k = misfits[0]
+        shapes = " against ".join(str(tuple(d[k].shape)) if k in d else "none" for d in (theirs, mine))
+        more = f", and {len(misfits) - 1} more" if len(misfits) > 1 else ""
+        raise UserError(f"--init-from {run_dir}: its weights do not fit this model ({k}: {shapes}{more}); "
+                        f"start from a run of this model")
+    model.load_state_dict(theirs)
+    state = ckpt["state"]
+    row = state["history"][-1] if state["history"] else None  # best.pt is saved at the end of its epoch
+    return (f"starting from {run_dir}/best.pt" + (f" (epoch {row['epoch']}, test accuracy {state['best_acc']:.2%}"
+                                                  f"{', the weight average' if weights == 'ema' else ''})" if row else "")
+            + "; the optimizer and the schedule start fresh")
 
 
 def restore_run(ckpt, model, optimizer, schedule, env):

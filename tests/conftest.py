@@ -6,6 +6,8 @@ Tests marked `@pytest.mark.cuda` skip without CUDA; `make gpu-check` runs exactl
 import io
 import os
 import pickle
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -116,3 +118,16 @@ def shared_jpeg():
     if not SHARED_JPEG.exists():
         pytest.skip("the CIFAR-10 JPEG copy (../shared/data) is only in the project's own checkouts")
     return SHARED_JPEG
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A finished run folder to use after training: 2 steps of 16 generated images, a moving average of the
+    weights beside them, the final weights also evaluated with flip TTA. Tests that use it are marked
+    xdist_group("tiny"), so one worker makes it once."""
+    runs = tmp_path_factory.mktemp("runs")
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--smoke", "--limit-train", "32", "--limit-test", "32",
+                        "--ema", "0.9", "--tta", "--runs", str(runs), "--name", "tiny"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return runs / "tiny"

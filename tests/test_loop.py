@@ -1,5 +1,5 @@
 """engine/loop.py on CPU: the optimizer and schedule of a recipe, train_epoch (the loop train.py runs
-and the bench times), BatchNorm re-estimation and evaluation.
+and the bench times), the weights' moving average, BatchNorm re-estimation and evaluation.
 
 The loop does not care which model it trains: most tests here give it a one-conv stand-in that
 steps in milliseconds. The CNN itself learning is train.py's shared run (tests/test_train.py).
@@ -9,7 +9,7 @@ import torch
 
 from engine.config import Config, resolve
 from engine.device import Env, setup_env
-from engine.loop import NonFiniteLoss, evaluate, make_optimizer, make_schedule, reestimate_batchnorm, train_epoch
+from engine.loop import EMA, NonFiniteLoss, evaluate, make_optimizer, make_schedule, reestimate_batchnorm, train_epoch
 from net import build_model
 from pipelines import make_loader, synthetic_cifar
 
@@ -207,3 +207,47 @@ def test_evaluate_counts_every_image_once_into_the_confusion_matrix():
     with torch.no_grad():
         logits = model.eval()(torch.cat([x for x, _ in loader]))
     assert acc == pytest.approx((logits.argmax(1) == torch.as_tensor(labels)).float().mean().item())
+
+
+# --- the weights' moving average (--ema) ------------------------------------------------------------
+
+def test_the_average_warms_up_then_moves_by_one_minus_decay_per_step():
+    model = tiny_model()
+    ema = EMA(model, decay=0.99)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+        model[1].num_batches_tracked.fill_(7)
+    ema.update()  # update 1: decay min(0.99, 2/11): mostly the new weights
+    w = 2 / 11
+    torch.testing.assert_close(ema.model[0].weight, w * start["0.weight"] + (1 - w) * model[0].weight)
+    assert ema.model[1].num_batches_tracked.item() == 7  # an integer buffer is copied, not averaged
+    for _ in range(1000):
+        ema.update()
+    assert min(0.99, 1001 / 1010) == 0.99 and ema.updates == 1001
+    torch.testing.assert_close(ema.model[0].weight, model[0].weight)  # a constant is its own average
+    assert not any(p.requires_grad for p in ema.model.parameters()) and not ema.model.training
+
+
+def test_the_average_is_updated_every_step_and_saved_and_restored_whole():
+    cfg, model, optimizer, schedule, loader = smoke_setup(n=64)
+    ema = EMA(model, decay=0.9)
+    train_epoch(model, optimizer, loader, CPU, schedule=schedule, ema=ema)
+    assert ema.updates == 4
+    assert not torch.equal(ema.model[0].weight, model[0].weight)  # an average, not a copy
+    again = EMA(tiny_model(), decay=0.9)
+    again.load_state_dict(ema.state_dict())
+    assert again.updates == 4 and all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(),
+                                                                        ema.model.state_dict().values()))
+
+
+def test_flip_tta_averages_the_logits_of_each_image_and_its_mirror():
+    images, labels = synthetic_cifar(32)
+    loader = make_loader(images, labels, batch_size=16, train=False, device="cpu")
+    model = tiny_model().eval()
+    _, acc, _ = evaluate(model, loader, CPU, tta=True)
+    with torch.no_grad():
+        x = torch.cat([x for x, _ in loader])
+        logits = (model.eval()(x) + model(x.flip(3))) / 2
+    assert acc == pytest.approx((logits.argmax(1) == torch.as_tensor(labels)).float().mean().item())
+

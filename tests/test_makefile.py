@@ -1,4 +1,5 @@
 """The Makefile's install step where torch is already there (a GPU box, a cluster image): nothing downloaded."""
+import json
 import os
 import shutil
 import subprocess
@@ -29,3 +30,16 @@ def test_a_python_with_torch_but_a_missing_dependency_asks_pip_for_that_one_only
     (hidden / "torchsummary.py").write_text("raise ImportError('not installed')\n")  # as if it were absent
     r = make_install(tmp_path, PYTHONPATH=str(hidden))
     assert "installing what it lacks: torchsummary\n" in r.stdout, r.stdout  # that one, and nothing else
+
+
+def test_train_with_seeds_runs_once_per_seed_then_prints_the_results(tmp_path):
+    """`make train SEEDS=...` in the checkout itself (-o: no reinstall here), two 2-step runs."""
+    r = subprocess.run(["make", "--no-print-directory", "-o", ".venv/.installed", "-o", ".deps-checked", "train",
+                        f"PYTHON={sys.executable}", 'SEEDS=0 1', f"RUNS={tmp_path}",
+                        "ARGS=--smoke --limit-train 32 --limit-test 32"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    seeds = sorted(json.loads(p.read_text())["config"]["seed"] for p in tmp_path.glob("*/summary.json"))
+    assert seeds == [0, 1] and r.stdout.count("done: ") == 2
+    assert "2 finished runs under" in r.stdout and "in 1 group of settings" in r.stdout and "| 2 |" in r.stdout
+

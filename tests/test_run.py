@@ -16,8 +16,8 @@ import torch
 from engine.config import Config, UserError, resolve
 from engine.device import Env
 from engine.loop import make_optimizer, make_schedule
-from engine.run import (RunFolderLock, RunState, SaveClock, SaveError, StopSignal, git_commit, load_checkpoint, restore_run,
-                        same_data, save_run, write_atomic)
+from engine.run import (RunFolderLock, RunState, SaveClock, SaveError, StopSignal, git_commit, init_from, load_checkpoint,
+                        restore_run, same_data, save_run, write_atomic)
 from net import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,3 +255,31 @@ def test_the_save_clock_asks_for_a_checkpoint_when_due_or_on_a_stop():
     assert clock.requested
     clock = SaveClock(Stop(), every_s=0)  # --checkpoint-every 0: after every step
     assert clock.requested
+
+
+# --- after training: another run's weights to start from ------------------------------------------
+
+@pytest.mark.xdist_group("tiny")
+def test_init_from_loads_another_runs_best_weights_and_says_so(tiny_run):
+    model = build_model()
+    note = init_from(model, tiny_run)
+    best = torch.load(tiny_run / "best.pt", weights_only=True)["model"]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in best.items())
+    assert note.startswith(f"starting from {tiny_run}/best.pt (epoch 1, test accuracy ") and "start fresh" in note
+
+
+@pytest.mark.xdist_group("tiny")
+def test_init_from_weights_that_do_not_fit_is_one_line(tiny_run, tmp_path):
+    (tmp_path / "other").mkdir()
+    ckpt = torch.load(tiny_run / "best.pt", weights_only=True)
+    ckpt["model"]["head.2.weight"] = torch.zeros(100, 128)  # a head for 100 classes
+    torch.save(ckpt, tmp_path / "other" / "best.pt")
+    model = build_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UserError) as e:
+        init_from(model, tmp_path / "other")
+    assert str(e.value) == (f"--init-from {tmp_path / 'other'}: its weights do not fit this model (head.2.weight: "
+                            f"(100, 128) against (10, 128)); start from a run of this model")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # untouched
+    with pytest.raises(UserError, match="--init-from nowhere is not a folder"):
+        init_from(model, "nowhere")

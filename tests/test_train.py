@@ -12,8 +12,10 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -29,11 +31,13 @@ from net import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # The one short run that learns: 3 epochs of 8 steps of 8 generated images (Adam: it learns their
-# flat colours in fewer steps than SGD), evaluated on 32; the onecycle schedule, augmentation on.
+# flat colours in fewer steps than SGD), evaluated on 32; the onecycle schedule, augmentation on,
+# a moving average of the weights.
 # One torch thread: runs compare bit for bit only at the same thread count, and `make test` runs
 # a test on every core at once, so a second thread would wait for a busy core.
 LEARN = ["--smoke", "--optimizer", "adam", "--lr", "0.003", "--warmup-epochs", "0.5", "--limit-train", "64",
-         "--batch-size", "8", "--limit-test", "32", "--epochs", "3", "--target-acc", "0.25", "--threads", "1"]
+         "--batch-size", "8", "--limit-test", "32", "--epochs", "3", "--target-acc", "0.25", "--threads", "1",
+         "--ema", "0.9"]  # with a weight average: evaluated beside the weights, saved, resumed
 # train.py run directly, as a user would: not as a child of `make test` (it words its resume hint for make)
 ENV = {**{k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}, "PYTHONUNBUFFERED": "1"}
 TINY = ["--smoke", "--limit-train", "32", "--limit-test", "32"]  # 2 steps of 16 an epoch: for what needs steps, not learning
@@ -109,6 +113,9 @@ def test_summary_has_every_field(learned):
     assert s["complete"] and s["compiled"] is False and s["compile_s"] is None
     assert (s["train_images"], s["test_images"]) == (64, 32)
     assert s["best_acc"] >= s["final_acc"] > 0 and s["mean_train_img_per_s"] > 0
+    best = max((h[key], key) for h in s["history"] for key in ("test_acc", "ema_test_acc"))
+    assert s["best_acc"] == best[0] and s["best_weights"] == ("ema" if best[1] == "ema_test_acc" else "raw")
+    assert s["final_ema_acc"] == s["history"][-1]["ema_test_acc"]
     assert s["config"]["recipe"] == "fast" and s["config"]["epochs"] == 3 and s["config"]["device"] == "cpu"
     assert s["config"]["bn_reestimate"] == 1000  # resolved: a 24-step run re-estimates BatchNorm before evaluating
     umask = os.umask(0o022)
@@ -131,7 +138,8 @@ def test_tensorboard_has_step_curves_epoch_curves_and_pictures(learned):
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     for tag in ("loss/train_step", "accuracy/train_step", "lr/step", "throughput/step_img_per_s", "loss/train",
-                "accuracy/train", "loss/test", "accuracy/test", "accuracy/best_test", "lr/epoch",
+                "accuracy/train", "loss/test", "accuracy/test", "accuracy/best_test", "lr/epoch", "accuracy/test_ema",
+                "loss/test_ema",
                 "throughput/train_img_per_s", "time/epoch_s", "test_class_accuracy/airplane", "test_class_accuracy/truck"):
         assert tag in scalars, tag
     assert [e.step for e in events.Scalars("loss/train_step")] == list(range(1, 25))  # log_every is 1 on CPU
@@ -216,6 +224,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.xdist_group("tiny")
+def test_a_run_can_start_from_another_runs_weights(tiny_run, tmp_path):
+    r = train(*TINY, "--init-from", tiny_run, "--runs", tmp_path, "--name", "tuned")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"note: starting from {tiny_run}/best.pt (epoch 1, test accuracy " in r.stdout
+    assert summary(tmp_path / "tuned")["config"]["init_from"] == str(tiny_run)
+
+
 # --- stop and resume --------------------------------------------------------------------------------
 
 @pytest.mark.xdist_group("learned")
@@ -258,9 +274,12 @@ def test_a_run_stopped_every_way_resumes_on_the_same_batches_to_the_same_weights
     assert resumed["epoch_s"] > cut["partial"]["seconds"]  # the time before the stop is counted
     assert s["wall_s"] == pytest.approx(sum(h["epoch_s"] for h in s["history"]))
     # Each batch's augmentation follows from its index: the resumed run trained on exactly the same batches.
-    final, reference = (torch.load(d / "last.pt", weights_only=True)["model"] for d in (run_dir, learned))
-    for key in reference:
-        torch.testing.assert_close(final[key], reference[key], rtol=0, atol=0)
+    final, reference = (torch.load(d / "last.pt", weights_only=True) for d in (run_dir, learned))
+    for part in ("model", "ema"):  # the weights, and their average (kept in the checkpoint, resumed)
+        weights = reference[part]["model"] if part == "ema" else reference[part]
+        for key, value in weights.items():
+            mine = final[part]["model"][key] if part == "ema" else final[part][key]
+            torch.testing.assert_close(mine, value, rtol=0, atol=0)
 
 
 def test_second_ctrl_c_quits_at_once_and_keeps_the_last_checkpoint(tmp_path):
@@ -453,6 +472,46 @@ def test_two_ranks_stop_together_survive_a_dead_rank_and_finish_as_one(tmp_path)
     s = summary(tmp_path / "ddp")
     assert s["complete"] and s["world_size"] == 2 and [h["epoch"] for h in s["history"]] == [1, 2, 3]
     assert [h["step"] for h in s["history"]] == [3, 6, 9]  # 16 images a step over both ranks, as on one
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(*args):
+    """The README's two-machine torchrun commands, both "machines" this one: --nnodes 2, a process each, gloo
+    over loopback. Returns each node's CompletedProcess."""
+    port, nodes = free_port(), []
+    for rank in (0, 1):  # output to files: a full pipe would stall one node, and with it the other
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        nodes.append((subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node",
+                                        "1", "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port",
+                                        str(port), str(ROOT / "train.py"), *map(str, args)], stdout=out, stderr=err,
+                                       text=True, cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "1"}), out, err))
+    done = []
+    for proc, out, err in nodes:
+        code = proc.wait(timeout=300)
+        out.seek(0)
+        err.seek(0)
+        done.append(subprocess.CompletedProcess(proc.args, code, out.read(), err.read()))
+    return done
+
+
+def test_two_machines_train_as_one_and_resume(tmp_path):
+    # --threads 1: both "machines" share this one's cores, and each would take them all (it sees them idle)
+    run = ["--smoke", "--limit-train", "32", "--limit-test", "32", "--threads", "1", "--runs", tmp_path, "--name", "two"]
+    first = two_nodes(*run)  # 2 steps of 16 images, 8 on each machine
+    assert [n.returncode for n in first] == [0, 0], without_bars(first[0].stderr + first[1].stderr)[-3000:]
+    assert first[0].stdout.count("done:") == 1 and "done:" not in first[1].stdout  # only global rank 0 speaks
+    # Every epoch ends with the ranks comparing their weights (an assertion in train.py): both finished, so equal.
+    s = summary(tmp_path / "two")
+    assert s["world_size"] == 2 and s["steps"] == 2 and s["complete"]
+    again = two_nodes("--resume", tmp_path / "two", "--epochs", "2")  # the run folder on storage both machines see
+    assert [n.returncode for n in again] == [0, 0], without_bars(again[0].stderr + again[1].stderr)[-3000:]
+    s = summary(tmp_path / "two")
+    assert s["epochs_run"] == 2 and s["steps"] == 4 and s["world_size"] == 2
 
 
 @pytest.mark.skipif(not os.environ.get("DDP_STRESS"), reason="opt-in: DDP_STRESS=<runs> make test ARGS='-k stress'")

@@ -1,0 +1,58 @@
+"""Hand a trained model on: `python export.py runs/<name>` (`make export RUN=runs/<name>`) writes it
+as ONNX, for use outside this project (onnxruntime, TensorRT, a browser).
+
+Input "images": float32 (batch, 3, 32, 32), any batch size, normalized as the trainer's pipeline
+does it: (pixel - MEAN) / STD per channel, RGB, values of pixels 0..255. Output "logits": (batch,
+10), in the class order of pipelines.CLASSES. Needs the `export` extra (pip install -e '.[export]').
+"""
+import argparse
+import importlib.util
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from engine.config import UserError
+from engine.run import load_weights, write_atomic
+from net import build_model
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="export.py", description=__doc__.splitlines()[0])
+    parser.add_argument("run", help="a run folder that train.py wrote (runs/<name>)")
+    parser.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint (default: best)")
+    parser.add_argument("--weights", choices=["raw", "ema"], help="the trained weights or, for --ema runs, their "
+                        "average (default: those best.pt marks as best; last.pt's raw ones)")
+    parser.add_argument("--out", help="the .onnx file (default: beside the checkpoint, <checkpoint>.onnx)")
+    args = parser.parse_args(argv)
+    if importlib.util.find_spec("onnxscript") is None:  # what torch's ONNX exporter is built on
+        raise UserError("ONNX export needs the export extra: pip install -e '.[export]'")
+    weights, _, _, cfg = load_weights(args.run, args.checkpoint, args.weights)
+    model = build_model(dropout=cfg.dropout).eval()
+    model.load_state_dict(weights)
+    out = Path(args.out or Path(args.run) / f"{args.checkpoint}.onnx")
+    example = torch.randn(2, 3, 32, 32)
+    batch = torch.export.Dim("batch", min=1)
+
+    def export(tmp):
+        with warnings.catch_warnings():  # the exporter's notes on what it did not need (torchvision ops, ...)
+            warnings.simplefilter("ignore")
+            logging.disable(logging.WARNING)
+            program = torch.onnx.export(model, (example,), dynamo=True, input_names=["images"], output_names=["logits"],
+                                        dynamic_shapes=({0: batch},), verbose=False)
+            logging.disable(logging.NOTSET)
+        program.save(tmp)
+
+    write_atomic(out, export)
+    print(f"wrote {out}: float32 images (batch, 3, 32, 32), normalized -> logits (batch, 10)")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,34 @@
+"""Results over runs: `python results.py [runs]` (`make results`): the finished runs under runs/,
+grouped by their settings, with mean ± std of final and best test accuracy over each group's
+seeds and how many runs reached the target accuracy (and in how many epochs and seconds).
+
+`make train SEEDS="0 1 2 3 4"` trains once per seed, then prints this.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from engine.results import finished_runs, format_groups, group_runs
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="results.py", description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="?", default="runs", help="the folder of run folders (default: runs)")
+    args = parser.parse_args(argv)
+    if not Path(args.runs).is_dir():
+        print(f"error: {args.runs} is not a folder of runs; train first (make train), or name the folder", file=sys.stderr)
+        return 2
+    runs = finished_runs(args.runs)
+    if not runs:
+        print(f"no finished runs under {args.runs} yet (a run is finished when its summary.json says complete)")
+        return 0
+    groups = group_runs(runs)
+    print(f"{len(runs)} finished run{'s' * (len(runs) != 1)} under {args.runs}, in {len(groups)} "
+          f"group{'s' * (len(groups) != 1)} of settings "
+          f"(mean ± std over a group's seeds)\n")
+    print(format_groups(groups))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

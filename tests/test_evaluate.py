@@ -1,0 +1,55 @@
+"""evaluate.py (`make eval`) as a user runs it, on a finished run."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def evaluate(*args):
+    return subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+@pytest.mark.xdist_group("tiny")
+def test_evaluate_gives_the_numbers_the_trainer_logged_plain_and_with_flip_tta(tiny_run):
+    r = evaluate(tiny_run, "--tta")
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tiny_run / "summary.json").read_text())
+    logged = s["history"][-1]["test_acc"]  # best.pt was saved at the last (only) epoch
+    assert f"test accuracy: {logged:.2%} (the trainer logged {logged:.2%} for this checkpoint)" in r.stdout
+    assert f"with flip TTA: {s['final_tta_acc']:.2%}" in r.stdout  # the trainer's own --tta, on the same weights
+    lines = r.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("class"))
+    assert lines[header].split() == ["class", "plain", "flip", "TTA"] and lines[header + 1].startswith("airplane")
+    assert len(lines[header + 10].split()) == 3  # truck, plain, TTA
+    png = tiny_run / "best.confusion.png"
+    assert f"confusion matrix: {png}" in r.stdout and Image.open(png).size[0] >= 600
+
+
+@pytest.mark.xdist_group("tiny")
+def test_the_weight_average_is_evaluated_as_the_trainer_evaluated_it(tiny_run):
+    r = evaluate(tiny_run, "--checkpoint", "last", "--weights", "ema")
+    assert r.returncode == 0, r.stderr[-3000:]
+    logged = json.loads((tiny_run / "summary.json").read_text())["history"][-1]["ema_test_acc"]
+    assert "last.pt, the weight average (epoch 1, step 2)" in r.stdout
+    assert f"test accuracy: {logged:.2%} (the trainer logged {logged:.2%} for this checkpoint)" in r.stdout
+
+
+@pytest.mark.parametrize("what, message", [
+    ("missing", "is not a folder; pass a run folder that train.py wrote"),
+    ("empty", "no checkpoint at"),
+    ("foreign", "not a readable torch.save file"),
+])
+def test_a_folder_without_a_checkpoint_is_one_line(tmp_path, what, message):
+    if what != "missing":
+        (tmp_path / what).mkdir()
+    if what == "foreign":
+        (tmp_path / what / "best.pt").write_text("not a checkpoint")
+    r = evaluate(tmp_path / what)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert message in r.stderr

@@ -1,0 +1,30 @@
+"""export.py (`make export`): the model as ONNX, checked with onnxruntime against PyTorch."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from net import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.xdist_group("tiny")
+def test_the_onnx_model_gives_pytorchs_logits_at_any_batch_size(tiny_run, tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="the export extra (pip install -e '.[export]')")
+    r = subprocess.run([sys.executable, str(ROOT / "export.py"), tiny_run, "--out", tmp_path / "m.onnx"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0 and r.stderr == "", r.stderr[-3000:]
+    assert list(tmp_path.iterdir()) == [tmp_path / "m.onnx"]  # written whole, no temporary left
+    model = build_model().eval()
+    model.load_state_dict(torch.load(tiny_run / "best.pt", weights_only=True)["model"])
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    assert [i.name for i in session.get_inputs()] == ["images"] and session.get_inputs()[0].type == "tensor(float)"
+    for batch in (1, 7):
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        np.testing.assert_allclose(session.run(["logits"], {"images": x.numpy()})[0], expected, rtol=0, atol=1e-4)
