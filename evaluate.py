@@ -53,7 +53,7 @@ def main(argv=None):
     where = f"epoch {logged['epoch']}, step {logged['step']}" if logged else f"step {state['step']}, inside an epoch"
     print(f"{args.run}/{args.checkpoint}.pt, {'the weight average' if which == 'ema' else 'its weights'} ({where}), "
           f"{len(labels):,} test images"
-          f"{' (generated --smoke data)' if cfg.smoke else ' of ' + str(cfg.data)}, {env.name}")
+          f"{' (generated --smoke data)' if cfg.smoke else ' from ' + str(cfg.data)}, {env.name}")
     key = "ema_test_acc" if which == "ema" else "test_acc"
     print(f"test accuracy: {acc:.2%}" + (f" (the trainer logged {logged[key]:.2%} for this checkpoint)"
                                          if logged and args.data is None else ""))
