@@ -14,6 +14,7 @@ import gc
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -211,6 +212,17 @@ def finish_epoch(cfg, env, model, test_loader, schedule, state, epoch, recalibra
     return row, confusion, improved
 
 
+def lost_a_rank(error):
+    """Whether `error` came out of torch.distributed (a collective, or the store) under DDP: what a rank
+    meets when another has died. Told by where it was raised, not by its text."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return dist.is_initialized() and any(f"torch{os.sep}distributed{os.sep}" in f.filename for f in frames)
+
+
+def first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+
+
 def exit_rank(code):
     """Leave a torchrun rank without tearing the interpreter down.
 
@@ -238,6 +250,13 @@ if __name__ == "__main__":
         code = 2
     except SaveError as e:  # a full or read-only disk: what failed and where; the last good checkpoint stays
         print(f"\nerror: {e}; make room (or fix the folder), then resume the run", file=sys.stderr)
+        code = 1
+    except RuntimeError as e:
+        if not lost_a_rank(e):
+            raise
+        print(f"\nerror: rank {os.environ['RANK']}: a collective with the other ranks failed ({first_line(e)}); another "
+              f"rank has stopped (torchrun names it); the last checkpoint is kept: resume the job with --resume",
+              file=sys.stderr)
         code = 1
     if "RANK" in os.environ:
         exit_rank(code)
