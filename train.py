@@ -13,6 +13,7 @@ import dataclasses
 import gc
 import os
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -106,6 +107,10 @@ def main(argv=None):
     stop.before_quit = lock and lock.abandon
     try:
         return run(cfg, ckpt, notes, env, stop, run_dir)
+    except RuntimeError as e:
+        if not env.ddp:
+            raise
+        return rank_failed(e, env, run_dir)
     finally:
         if lock and not stop.armed:  # the run never started: leave no folder behind
             lock.abandon()
@@ -212,15 +217,17 @@ def finish_epoch(cfg, env, model, test_loader, schedule, state, epoch, recalibra
     return row, confusion, improved
 
 
-def lost_a_rank(error):
-    """Whether `error` came out of torch.distributed (a collective, or the store) under DDP: what a rank
-    meets when another has died. Told by where it was raised, not by its text."""
-    frames = traceback.extract_tb(error.__traceback__)
-    return dist.is_initialized() and any(f"torch{os.sep}distributed{os.sep}" in f.filename for f in frames)
-
-
-def first_line(error):
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+def rank_failed(error, env, run_dir):
+    """Under torchrun, an error one rank meets (most often a collective failing because another rank
+    died): one line per rank, the whole traceback kept in a file rather than interleaved with the
+    other ranks' on the console. Returns the exit code."""
+    where = run_dir if run_dir.is_dir() else Path(tempfile.gettempdir())
+    path = where / f"error-rank{env.rank}.txt"
+    path.write_text("".join(traceback.format_exception(error)))
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+    print(f"\nerror: rank {env.rank}: {type(error).__name__}: {first}; traceback in {path}. If another rank died, "
+          f"torchrun names it below; the last checkpoint is kept: resume the job with --resume", file=sys.stderr)
+    return 1
 
 
 def exit_rank(code):
@@ -250,13 +257,6 @@ if __name__ == "__main__":
         code = 2
     except SaveError as e:  # a full or read-only disk: what failed and where; the last good checkpoint stays
         print(f"\nerror: {e}; make room (or fix the folder), then resume the run", file=sys.stderr)
-        code = 1
-    except RuntimeError as e:
-        if not lost_a_rank(e):
-            raise
-        print(f"\nerror: rank {os.environ['RANK']}: a collective with the other ranks failed ({first_line(e)}); another "
-              f"rank has stopped (torchrun names it); the last checkpoint is kept: resume the job with --resume",
-              file=sys.stderr)
         code = 1
     if "RANK" in os.environ:
         exit_rank(code)
