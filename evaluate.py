@@ -15,7 +15,7 @@ import torch
 from engine.config import UserError
 from engine.device import setup_env
 from engine.loop import evaluate
-from engine.run import load_weights
+from engine.run import add_run_flags, load_weights
 from net import build_model
 from pipelines import CLASSES, DataError, load_cifar10, make_loader, subset, synthetic_cifar
 from pipelines.preview import confusion_image, save_png
@@ -31,10 +31,7 @@ def test_split(cfg):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.splitlines()[0])
-    parser.add_argument("run", help="a run folder that train.py wrote (runs/<name>)")
-    parser.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint (default: best)")
-    parser.add_argument("--weights", choices=["raw", "ema"], help="the trained weights or, for --ema runs, their "
-                        "average (default: those best.pt marks as best; last.pt's raw ones)")
+    add_run_flags(parser)
     parser.add_argument("--data", help="CIFAR-10 to test on (default: the run's own --data)")
     parser.add_argument("--tta", action="store_true", help="also with flip test-time augmentation")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")

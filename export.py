@@ -15,16 +15,13 @@ from pathlib import Path
 import torch
 
 from engine.config import UserError
-from engine.run import load_weights, write_atomic
+from engine.run import add_run_flags, load_weights, write_atomic
 from net import build_model
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="export.py", description=__doc__.splitlines()[0])
-    parser.add_argument("run", help="a run folder that train.py wrote (runs/<name>)")
-    parser.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint (default: best)")
-    parser.add_argument("--weights", choices=["raw", "ema"], help="the trained weights or, for --ema runs, their "
-                        "average (default: those best.pt marks as best; last.pt's raw ones)")
+    add_run_flags(parser)
     parser.add_argument("--out", help="the .onnx file (default: beside the checkpoint, <checkpoint>.onnx)")
     args = parser.parse_args(argv)
     if importlib.util.find_spec("onnxscript") is None:  # what torch's ONNX exporter is built on

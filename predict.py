@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from engine.config import UserError
-from engine.run import load_weights
+from engine.run import add_run_flags, load_weights
 from net import build_model
 from pipelines import CLASSES, MEAN, SIZE, STD
 
@@ -31,11 +31,8 @@ def read_image(path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="predict.py", description=__doc__.splitlines()[0])
-    parser.add_argument("run", help="a run folder that train.py wrote (runs/<name>)")
+    add_run_flags(parser)
     parser.add_argument("images", nargs="+", help="image files (anything Pillow reads)")
-    parser.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint (default: best)")
-    parser.add_argument("--weights", choices=["raw", "ema"], help="the trained weights or, for --ema runs, their "
-                        "average (default: those best.pt marks as best; last.pt's raw ones)")
     parser.add_argument("--top", type=int, default=3, choices=range(1, 11), metavar="K", help="classes shown (default: 3)")
     args = parser.parse_args(argv)
     weights, _, _, cfg = load_weights(args.run, args.checkpoint, args.weights)

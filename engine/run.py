@@ -216,6 +216,14 @@ class RunFolderLock:
             self.run_dir.rmdir()
 
 
+def add_run_flags(parser):
+    """The flags every script that reads a run back takes: the run folder, which checkpoint, which weights."""
+    parser.add_argument("run", help="a run folder that train.py wrote (runs/<name>)")
+    parser.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint (default: best)")
+    parser.add_argument("--weights", choices=["raw", "ema"], help="the trained weights or, for --ema runs, their "
+                        "average (default: those best.pt marks as best; last.pt's raw ones)")
+
+
 def load_weights(run_dir, which="best", weights=None, flag="the run"):
     """(state_dict, label, checkpoint, Config) of `run_dir`'s best.pt or last.pt, for what comes
     after training: evaluation, prediction, export, fine-tuning. `weights`: "raw" or "ema" (the
