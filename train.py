@@ -10,23 +10,20 @@ Writes runs/<name>/: TensorBoard events, last.pt and best.pt (atomic, every epoc
 """
 import argparse
 import dataclasses
-import gc
 import os
 import sys
-import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from engine.config import SHORT, Config, UserError, augment, check, planned_steps, resolve, resumed
-from engine.device import CompileCheck, any_rank, assert_ranks_agree, compile_checked, setup_env
+from engine.device import CompileCheck, any_rank, assert_ranks_agree, compile_checked, exit_rank, setup_env
 from engine.log import Logger, NullLogger, plural
 from engine.loop import EMA, NonFiniteLoss, evaluate, make_optimizer, make_schedule, reestimate_batchnorm, train_epoch
-from engine.run import (RunFolderLock, RunState, SaveClock, SaveError, StopSignal, init_from, load_checkpoint, restore_run,
-                        same_data, save_run)
+from engine.run import (RunFolderLock, RunState, SaveClock, SaveError, StopSignal, init_from, load_checkpoint, rank_failed,
+                        restore_run, same_data, save_run)
 from net import build_model
 from pipelines import CLASSES, DataError, load_cifar10, make_loader, subset, synthetic_cifar
 from pipelines.data import fingerprint, pixels
@@ -215,37 +212,6 @@ def finish_epoch(cfg, env, model, test_loader, schedule, state, epoch, recalibra
            "img_per_s": images / p["seconds"], "epoch_s": p["seconds"] + eval_s}
     improved = state.end_epoch(row, eval_s, cfg.target_acc)
     return row, confusion, improved
-
-
-def rank_failed(error, env, run_dir):
-    """Under torchrun, an error one rank meets (most often a collective failing because another rank
-    died): one line per rank, the whole traceback kept in a file rather than interleaved with the
-    other ranks' on the console. Returns the exit code."""
-    where = run_dir if run_dir.is_dir() else Path(tempfile.gettempdir())
-    path = where / f"error-rank{env.rank}.txt"
-    path.write_text("".join(traceback.format_exception(error)))
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
-    print(f"\nerror: rank {env.rank}: {type(error).__name__}: {first}; traceback in {path}. If another rank died, "
-          f"torchrun names it below; the last checkpoint is kept: resume the job with --resume", file=sys.stderr)
-    return 1
-
-
-def exit_rank(code):
-    """Leave a torchrun rank without tearing the interpreter down.
-
-    A finished rank could abort (SIGABRT, "terminate called without an active exception") after
-    its last line of Python, in 3 of 41 two-rank CPU runs under load, with no Python frame on the
-    stack: the signature of a native thread (gloo's or DALI's) reaching for the GIL while the
-    interpreter is finalized (see PyTorch PR #179291). So: free what reference cycles still hold
-    while Python is alive, close the process group, flush, and exit without finalizing.
-    Everything the run writes is closed and renamed by now.
-    """
-    gc.collect()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 if __name__ == "__main__":

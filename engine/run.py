@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,6 +269,19 @@ def restore_run(ckpt, model, optimizer, schedule, env):
     if env.device.type == "cuda" and ckpt.get("rng_cuda") is not None:
         torch.cuda.set_rng_state(ckpt["rng_cuda"], env.device)
     return RunState(**ckpt["state"])
+
+
+def rank_failed(error, env, run_dir):
+    """Under torchrun, an error one rank meets (most often a collective failing because another rank
+    died): one line per rank, the whole traceback kept in a file rather than interleaved with the
+    other ranks' on the console. Returns the exit code."""
+    where = run_dir if run_dir.is_dir() else Path(tempfile.gettempdir())
+    path = where / f"error-rank{env.rank}.txt"
+    path.write_text("".join(traceback.format_exception(error)))
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+    print(f"\nerror: rank {env.rank}: {type(error).__name__}: {first}; traceback in {path}. If another rank died, "
+          f"torchrun names it below; the last checkpoint is kept: resume the job with --resume", file=sys.stderr)
+    return 1
 
 
 # --- stopping on request --------------------------------------------------------------------------
