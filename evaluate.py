@@ -15,18 +15,10 @@ import torch
 from engine.config import UserError
 from engine.device import setup_env
 from engine.loop import evaluate
-from engine.run import add_run_flags, load_weights
+from engine.run import add_run_flags, load_split, load_weights
 from net import build_model
-from pipelines import CLASSES, DataError, load_cifar10, make_loader, subset, synthetic_cifar
+from pipelines import CLASSES, DataError, make_loader
 from pipelines.preview import confusion_image, save_png
-
-
-def test_split(cfg):
-    """The run's test images: the same class-balanced sample (--limit-test, --seed) it was evaluated on."""
-    if cfg.smoke:
-        return synthetic_cifar(cfg.limit_test, split="test", seed=cfg.seed)
-    images, labels = load_cifar10(cfg.data, "test", encoded=cfg.source == "encoded")
-    return subset(images, labels, cfg.limit_test, seed=cfg.seed) if cfg.limit_test else (images, labels)
 
 
 def main(argv=None):
@@ -41,7 +33,7 @@ def main(argv=None):
     env = setup_env(cfg)  # the trainer's precision on this device: bf16 autocast on CUDA, fp32 on CPU
     model = build_model(dropout=cfg.dropout).to(env.device, memory_format=torch.channels_last)
     model.load_state_dict(weights)
-    images, labels = test_split(cfg)
+    images, labels = load_split(cfg, "test")  # the same sample the trainer evaluated
     loader = make_loader(images, labels, batch_size=cfg.eval_batch_size, train=False, device=env.device, dtype=env.dtype,
                          seed=cfg.seed, num_threads=env.dali_threads)
     _, acc, confusion = evaluate(model, loader, env)

@@ -22,10 +22,10 @@ from engine.config import SHORT, Config, UserError, augment, check, planned_step
 from engine.device import CompileCheck, any_rank, assert_ranks_agree, compile_checked, exit_rank, setup_env
 from engine.log import Logger, NullLogger, plural
 from engine.loop import EMA, NonFiniteLoss, evaluate, make_optimizer, make_schedule, reestimate_batchnorm, train_epoch
-from engine.run import (RunFolderLock, RunState, SaveClock, SaveError, StopSignal, init_from, load_checkpoint, rank_failed,
-                        restore_run, same_data, save_run)
+from engine.run import (RunFolderLock, RunState, SaveClock, SaveError, StopSignal, init_from, load_checkpoint, load_split,
+                        rank_failed, restore_run, same_data, save_run)
 from net import build_model
-from pipelines import CLASSES, DataError, load_cifar10, make_loader, subset, synthetic_cifar
+from pipelines import CLASSES, DataError, make_loader, subset
 from pipelines.data import fingerprint, pixels
 from pipelines.preview import one_per_class
 
@@ -51,21 +51,19 @@ def parse_config(argv=None):
 
 # --- data and loaders ---------------------------------------------------------------------------
 
-def load_split(cfg, split, limit):
-    if cfg.smoke:
-        return synthetic_cifar(limit, split=split, seed=cfg.seed)
-    images, labels = load_cifar10(cfg.data, split, encoded=cfg.source == "encoded")
-    return subset(images, labels, limit, seed=cfg.seed) if limit else (images, labels)
-
-
 def make_loaders(cfg, env, train, test):
     if len(train[1]) // env.world < cfg.batch_size // env.world:
         raise UserError(f"{cfg.data} has {len(train[1])} train images, fewer than one batch of {cfg.batch_size} per "
                         f"step; lower --batch-size, or train on more images")
-    common = dict(device=env.device, seed=cfg.seed, shard_id=env.rank, num_shards=env.world, dtype=env.dtype,
-                  num_threads=env.dali_threads)
-    return (make_loader(*train, batch_size=cfg.batch_size // env.world, train=True, augment=augment(cfg), **common),
-            make_loader(*test, batch_size=cfg.eval_batch_size, train=False, **common))
+    return (make_loader(*train, batch_size=cfg.batch_size // env.world, train=True, augment=augment(cfg),
+                        **loader_args(cfg, env)),
+            make_loader(*test, batch_size=cfg.eval_batch_size, train=False, **loader_args(cfg, env)))
+
+
+def loader_args(cfg, env):
+    """What every loader of the run shares: this rank's shard, on its device, in the model's dtype."""
+    return dict(device=env.device, seed=cfg.seed, shard_id=env.rank, num_shards=env.world, dtype=env.dtype,
+                num_threads=env.dali_threads)
 
 
 def short_run(cfg, env, model, train, total):
@@ -76,9 +74,8 @@ def short_run(cfg, env, model, train, total):
         cfg.bn_reestimate = 1000 if total < SHORT else 0
     recalibrate, n = None, min(cfg.bn_reestimate, len(train[1]))
     if n:
-        loader = make_loader(*subset(*train, n, seed=cfg.seed), batch_size=min(cfg.batch_size // env.world, n), train=False,
-                             device=env.device, shard_id=env.rank, num_shards=env.world, dtype=env.dtype,
-                             num_threads=env.dali_threads)
+        loader = make_loader(*subset(*train, n, seed=cfg.seed), batch_size=min(cfg.batch_size // env.world, n),
+                             train=False, **loader_args(cfg, env))
         recalibrate = lambda m=model: reestimate_batchnorm(m, loader, env)  # noqa: E731 (eager models: no new graph)
     if total >= SHORT:
         return recalibrate, None
@@ -116,7 +113,7 @@ def main(argv=None):
 def run(cfg, ckpt, notes, env, stop, run_dir):
     log = Logger(cfg, env) if env.master else NullLogger()
     torch.manual_seed(cfg.seed)
-    train, test = load_split(cfg, "train", cfg.limit_train), load_split(cfg, "test", cfg.limit_test)  # 3. data
+    train, test = load_split(cfg, "train"), load_split(cfg, "test")  # 3. data
     data = fingerprint(*train)
     if ckpt:  # other data than the run trained on: refused unless --allow-other-data
         notes.append(same_data(ckpt.get("data"), data, cfg))

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from pipelines import load_cifar10, subset, synthetic_cifar
+
 from .config import Config, UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,6 +105,16 @@ def unsafe_globals(path):
         return torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:
         return []
+
+
+def load_split(cfg, split):
+    """A run's train or test images, as it trains and is evaluated on them: the class-balanced sample
+    of --limit-train / --limit-test (seeded), or the generated --smoke set."""
+    limit = cfg.limit_train if split == "train" else cfg.limit_test
+    if cfg.smoke:
+        return synthetic_cifar(limit, split=split, seed=cfg.seed)
+    images, labels = load_cifar10(cfg.data, split, encoded=cfg.source == "encoded")
+    return subset(images, labels, limit, seed=cfg.seed) if limit else (images, labels)
 
 
 # --- the run's state, saved in every checkpoint -------------------------------------------------
