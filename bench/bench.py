@@ -14,7 +14,7 @@
 5. accuracy beside speed, from a training run's summary.json.
 
 Device set-up is train.py's (`setup_env`: cuDNN autotune, TF32, bf16 autocast). Every figure:
-warm-up first (compile, autotune, DALI start), then 5 timed repeats between synchronisations
+warm-up first (compile, autotune, DALI start), then 5 timed repeats (3 with --quick) between synchronisations
 over distinct batches; the median is reported with min and max. Each row is written to the
 results files as soon as it is measured.
 
@@ -75,14 +75,14 @@ def run(args):
     cfg = resolve(Config(device=args.device, batch_size=args.batch_size or (32 if cpu else 512)))
     env = setup_env(cfg)  # on CPU also the thread counts: torch on the idle cores, DALI one thread
     print(f"threads: torch {env.threads}, DALI {env.dali_threads} for end to end ({env.threads_why})", flush=True)
-    timing = dict(repeats=5, warmup=(1 if args.quick else 2) if cpu else 10,
+    timing = dict(repeats=3 if args.quick else 5, warmup=(1 if args.quick else 2) if cpu else 10,
                   steps=(1 if args.quick else 3) if cpu else (10 if args.quick else 50),
                   sync=torch.cuda.synchronize if not cpu else (lambda: None))
     pipe_batch = 256 if cpu else 1024  # pipelines alone: their own good batch; DALI's fixed cost is per batch
     pipe_timing = {**timing, "steps": 4 if args.quick else 20, "warmup": 4}
 
-    images, labels, blobs, what = bench_data(args.data, n_encoded=2048 if args.quick else 20_000,
-                                             n_synthetic=8192 if args.quick else 50_000)
+    images, labels, blobs, what = bench_data(args.data, n_encoded=1024 if args.quick else 20_000,
+                                             n_synthetic=2048 if args.quick else 50_000)
     need = max(pipe_batch, cfg.batch_size)
     if len(labels) < need or len(blobs) < pipe_batch:
         raise UserError(f"{args.data}: {min(len(labels), len(blobs))} train images, fewer than the {need} of one "

@@ -106,7 +106,7 @@ def bench_end_to_end(cfg, model, env, images, labels, timing):
 
 
 def bench_limit(device, dtype_bytes, sync, quick):
-    n = 2048 if quick or device == "cpu" else 8192
+    n = 1024 if quick else 2048 if device == "cpu" else 8192
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     mm = measure(lambda: a @ b, images_per_step=1, steps=3 if device == "cpu" else 20, repeats=5, warmup=2, sync=sync)

@@ -9,10 +9,10 @@ from . import build_model, count_macs, count_params, receptive_field
 from .model import block_table
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m net", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print only {params, receptive_field, macs}")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     model = build_model()
     facts = {"params": count_params(model), "receptive_field": receptive_field(model), "macs": count_macs(model)}
     if args.json:

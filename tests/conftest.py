@@ -120,14 +120,23 @@ def shared_jpeg():
     return SHARED_JPEG
 
 
+# train.py run directly, as a user would: not as a child of `make test` (it words its resume hint for make)
+TRAIN_ENV = {**{k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")},
+             "PYTHONUNBUFFERED": "1"}
+
+
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """A finished run folder to use after training: 2 steps of 16 generated images, a moving average of the
-    weights beside them, the final weights also evaluated with flip TTA. Tests that use it are marked
-    xdist_group("tiny"), so one worker makes it once."""
-    runs = tmp_path_factory.mktemp("runs")
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--smoke", "--limit-train", "32", "--limit-test", "32",
-                        "--ema", "0.9", "--tta", "--runs", str(runs), "--name", "tiny"], capture_output=True, text=True, cwd=ROOT,
-                       timeout=600)
+def short_run(tmp_path_factory):
+    """(run folder, stdout) of the one finished run that tests read after training: 3 steps of 8 images from a
+    JPEG image tree, decoded by DALI (--source encoded), cut short by --max-steps inside the first epoch (of 4
+    steps), evaluated on 20 test images; with a moving average of the weights (--ema) and the final weights
+    also evaluated with flip TTA (--tta). Tests that use it are marked xdist_group("short"), so one worker
+    makes it once."""
+    tmp = tmp_path_factory.mktemp("short")
+    tree = write_image_tree(tmp / "jpeg", fmt="jpg")
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", str(tree), "--source", "encoded", "--device",
+                        "cpu", "--limit-train", "32", "--limit-test", "20", "--batch-size", "8", "--eval-batch-size", "20",
+                        "--epochs", "5", "--max-steps", "3", "--ema", "0.9", "--tta", "--runs", str(tmp), "--name", "short"],
+                       capture_output=True, text=True, cwd=ROOT, env=TRAIN_ENV, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    return runs / "tiny"
+    return tmp / "short", r.stdout

@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import evaluate as evaluate_script
+from engine.config import UserError
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -15,11 +18,13 @@ def evaluate(*args):
                           cwd=ROOT, timeout=300)
 
 
-@pytest.mark.xdist_group("tiny")
-def test_evaluate_gives_the_numbers_the_trainer_logged_plain_and_with_flip_tta(tiny_run):
-    r = evaluate(tiny_run, "--tta")
+@pytest.mark.xdist_group("short")
+def test_evaluate_gives_the_numbers_the_trainer_logged_plain_and_with_flip_tta(short_run):
+    run, _ = short_run
+    r = evaluate(run, "--tta")
     assert r.returncode == 0, r.stderr[-3000:]
-    s = json.loads((tiny_run / "summary.json").read_text())
+    s = json.loads((run / "summary.json").read_text())
+    assert s["best_weights"] == "raw"  # the average's 3 steps did not beat them: best.pt's best are the final weights
     logged = s["history"][-1]["test_acc"]  # best.pt was saved at the last (only) epoch
     assert f"test accuracy: {logged:.2%} (the trainer logged {logged:.2%} for this checkpoint)" in r.stdout
     assert f"with flip TTA: {s['final_tta_acc']:.2%}" in r.stdout  # the trainer's own --tta, on the same weights
@@ -27,29 +32,33 @@ def test_evaluate_gives_the_numbers_the_trainer_logged_plain_and_with_flip_tta(t
     header = next(i for i, line in enumerate(lines) if line.startswith("class"))
     assert lines[header].split() == ["class", "plain", "flip", "TTA"] and lines[header + 1].startswith("airplane")
     assert len(lines[header + 10].split()) == 3  # truck, plain, TTA
-    png = tiny_run / "best.confusion.png"
+    png = run / "best.confusion.png"
     assert f"confusion matrix: {png}" in r.stdout and Image.open(png).size[0] >= 600
 
 
-@pytest.mark.xdist_group("tiny")
-def test_the_weight_average_is_evaluated_as_the_trainer_evaluated_it(tiny_run):
-    r = evaluate(tiny_run, "--checkpoint", "last", "--weights", "ema")
+@pytest.mark.xdist_group("short")
+def test_the_weight_average_is_evaluated_as_the_trainer_evaluated_it(short_run):
+    run, _ = short_run
+    r = evaluate(run, "--checkpoint", "last", "--weights", "ema")
     assert r.returncode == 0, r.stderr[-3000:]
-    logged = json.loads((tiny_run / "summary.json").read_text())["history"][-1]["ema_test_acc"]
-    assert "last.pt, the weight average (epoch 1, step 2)" in r.stdout
+    logged = json.loads((run / "summary.json").read_text())["history"][-1]["ema_test_acc"]
+    assert "last.pt, the weight average (epoch 1, step 3)" in r.stdout
     assert f"test accuracy: {logged:.2%} (the trainer logged {logged:.2%} for this checkpoint)" in r.stdout
 
 
-@pytest.mark.parametrize("what, message", [
-    ("missing", "is not a folder; pass a run folder that train.py wrote"),
+def test_a_missing_run_is_one_line_and_exit_2(tmp_path):
+    r = evaluate(tmp_path / "missing")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "is not a folder; pass a run folder that train.py wrote" in r.stderr
+
+
+@pytest.mark.parametrize("what, message", [  # the same one line (in-process here: the exit is tested above)
     ("empty", "no checkpoint at"),
     ("foreign", "not a readable torch.save file"),
 ])
-def test_a_folder_without_a_checkpoint_is_one_line(tmp_path, what, message):
-    if what != "missing":
-        (tmp_path / what).mkdir()
+def test_a_folder_without_a_checkpoint_is_refused(tmp_path, what, message):
+    (tmp_path / what).mkdir()
     if what == "foreign":
         (tmp_path / what / "best.pt").write_text("not a checkpoint")
-    r = evaluate(tmp_path / what)
-    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
-    assert message in r.stderr
+    with pytest.raises(UserError, match=message):
+        evaluate_script.main([str(tmp_path / what)])

@@ -7,20 +7,22 @@ import numpy as np
 import pytest
 import torch
 
+from engine.run import load_weights
 from net import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.xdist_group("tiny")
-def test_the_onnx_model_gives_pytorchs_logits_at_any_batch_size(tiny_run, tmp_path):
+@pytest.mark.xdist_group("short")
+def test_the_onnx_model_gives_pytorchs_logits_at_any_batch_size(short_run, tmp_path):
+    run, _ = short_run
     ort = pytest.importorskip("onnxruntime", reason="the export extra (pip install -e '.[export]')")
-    r = subprocess.run([sys.executable, str(ROOT / "export.py"), tiny_run, "--out", tmp_path / "m.onnx"],
+    r = subprocess.run([sys.executable, str(ROOT / "export.py"), run, "--out", tmp_path / "m.onnx"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0 and r.stderr == "", r.stderr[-3000:]
     assert list(tmp_path.iterdir()) == [tmp_path / "m.onnx"]  # written whole, no temporary left
     model = build_model().eval()
-    model.load_state_dict(torch.load(tiny_run / "best.pt", weights_only=True)["model"])
+    model.load_state_dict(load_weights(run)[0])  # what the script loads: best.pt's best weights
     session = ort.InferenceSession(str(tmp_path / "m.onnx"))
     assert [i.name for i in session.get_inputs()] == ["images"] and session.get_inputs()[0].type == "tensor(float)"
     for batch in (1, 7):

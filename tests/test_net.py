@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from net import build_model, count_macs, count_params, receptive_field
+from net.__main__ import main as net_cli
 from net.model import activation_elements, block_table, train_memory_bytes
 
 
@@ -84,8 +85,9 @@ def test_cli_json():
     assert facts["params"] < 200_000 and facts["receptive_field"] > 44 and facts["macs"] > 0
 
 
-def test_cli_prints_the_block_table_then_torchsummary():
-    out = subprocess.run([sys.executable, "-m", "net"], capture_output=True, text=True, check=True).stdout
+def test_cli_prints_the_block_table_then_torchsummary(capsys):
+    net_cli([])  # in-process: the command line itself is run above
+    out = capsys.readouterr().out
     assert "Total params: 133,322" in out and "receptive field  49" in out
     assert out.index("C1") < out.index("C4") < out.index("Layer (type)")  # blocks first, then the layer table
 

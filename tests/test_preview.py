@@ -6,6 +6,7 @@ from PIL import Image
 
 from pipelines import CLASSES, Augment
 from pipelines.preview import FRAME, HEADER, LINE, augment_grid, confusion_image, font, one_per_class, wrap
+from pipelines.preview import main as preview_cli
 
 
 def test_grid_shows_the_framed_original_then_draws():
@@ -64,7 +65,7 @@ def test_cli_writes_one_row_per_class(image_tree, tmp_path):
     assert "one image per class" in r.stdout and not list(tmp_path.glob("*.tmp"))
 
 
-def test_cli_missing_data_is_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "pipelines.preview", "--data", str(tmp_path / "nope")],
-                       capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "does not exist" in r.stderr
+def test_cli_missing_data_is_one_line(tmp_path, capsys):
+    assert preview_cli(["--data", str(tmp_path / "nope")]) == 2  # the exit status: `sys.exit(main())`
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "does not exist" in err

@@ -259,19 +259,22 @@ def test_the_save_clock_asks_for_a_checkpoint_when_due_or_on_a_stop():
 
 # --- after training: another run's weights to start from ------------------------------------------
 
-@pytest.mark.xdist_group("tiny")
-def test_init_from_loads_another_runs_best_weights_and_says_so(tiny_run):
+@pytest.mark.xdist_group("short")
+def test_init_from_loads_another_runs_best_weights_and_says_so(short_run):
+    run, _ = short_run
     model = build_model()
-    note = init_from(model, tiny_run)
-    best = torch.load(tiny_run / "best.pt", weights_only=True)["model"]
+    note = init_from(model, run)
+    ckpt = torch.load(run / "best.pt", weights_only=True)
+    best = ckpt["ema"]["model"] if ckpt["state"]["best_weights"] == "ema" else ckpt["model"]  # as the run marked them
     assert all(torch.equal(model.state_dict()[k], v) for k, v in best.items())
-    assert note.startswith(f"starting from {tiny_run}/best.pt (epoch 1, test accuracy ") and "start fresh" in note
+    assert note.startswith(f"starting from {run}/best.pt (epoch 1, test accuracy ") and "start fresh" in note
 
 
-@pytest.mark.xdist_group("tiny")
-def test_init_from_weights_that_do_not_fit_is_one_line(tiny_run, tmp_path):
+@pytest.mark.xdist_group("short")
+def test_init_from_weights_that_do_not_fit_is_one_line(short_run, tmp_path):
     (tmp_path / "other").mkdir()
-    ckpt = torch.load(tiny_run / "best.pt", weights_only=True)
+    ckpt = torch.load(short_run[0] / "best.pt", weights_only=True)
+    ckpt["state"]["best_weights"] = "raw"  # the weights init_from takes
     ckpt["model"]["head.2.weight"] = torch.zeros(100, 128)  # a head for 100 classes
     torch.save(ckpt, tmp_path / "other" / "best.pt")
     model = build_model()
