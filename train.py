@@ -8,8 +8,6 @@ bench times too.
 
 Writes runs/<name>/: TensorBoard events, last.pt and best.pt (atomic, every epoch), summary.json.
 """
-import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -18,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from engine.config import SHORT, Config, UserError, augment, check, planned_steps, resolve, resumed
+from engine.config import SHORT, Config, UserError, augment, check, flag_parser, planned_steps, resolve, resumed
 from engine.device import CompileCheck, any_rank, assert_ranks_agree, compile_checked, exit_rank, setup_env
 from engine.log import Logger, NullLogger, plural
 from engine.loop import EMA, NonFiniteLoss, evaluate, make_optimizer, make_schedule, reestimate_batchnorm, train_epoch
@@ -32,15 +30,7 @@ from pipelines.preview import one_per_class
 
 def parse_config(argv=None):
     """(Config, checkpoint or None, notes): the flags, or a resumed run's saved settings and checkpoint."""
-    parser = argparse.ArgumentParser(prog="train.py", description=__doc__.splitlines()[0],
-                                     argument_default=argparse.SUPPRESS)  # so that we see which flags were typed
-    for f in dataclasses.fields(Config):
-        flag, help_ = "--" + f.name.replace("_", "-"), f.metadata.get("help")
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
-        else:
-            parser.add_argument(flag, type=f.type, choices=f.metadata.get("choices"), help=help_)
-    given = vars(parser.parse_args(argv))  # syntax errors: argparse's usage and exit 2
+    given = vars(flag_parser(__doc__.splitlines()[0]).parse_args(argv))  # syntax errors: argparse's usage, exit 2
     if "resume" not in given:
         return check(resolve(Config(**given))), None, []
     run_dir = Path(given.pop("resume"))

@@ -1,10 +1,12 @@
 """The configuration: one dataclass (`Config`, a field per train.py flag), the recipes, the checks.
 
+- `flag_parser`: train.py's flags, one per field of `Config`;
 - `RECIPES` and `SMOKE`: the presets a run's unset fields come from; `resolve` applies them;
 - `check`: every mistake in the flags as a one-line `UserError`, before any work starts;
 - `resumed`: a saved run's settings with the flags a resume may change;
 - `augment`: the run's `pipelines.Augment`, whose defaults are the only copy of its numbers.
 """
+import argparse
 import dataclasses
 import math
 import os
@@ -109,6 +111,18 @@ def augment(cfg):
 
 def flag(name):
     return "--" + name.replace("_", "-")
+
+
+def flag_parser(description=None):
+    """train.py's command line: a flag per field of Config (bools as --x / --no-x). Defaults are
+    suppressed, so that the parsed namespace holds the flags typed and nothing else."""
+    parser = argparse.ArgumentParser(prog="train.py", description=description, argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(Config):
+        if f.type is bool:
+            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, help=f.metadata.get("help"))
+        else:
+            parser.add_argument(flag(f.name), type=f.type, choices=f.metadata.get("choices"), help=f.metadata.get("help"))
+    return parser
 
 
 def resolve(cfg):

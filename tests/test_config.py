@@ -3,12 +3,27 @@ import dataclasses
 
 import pytest
 
-from engine.config import AUGMENT_FIELDS, RECIPES, Config, UserError, augment, check, resolve, resumed
+from engine.config import AUGMENT_FIELDS, RECIPES, Config, UserError, augment, check, flag_parser, resolve, resumed
 from pipelines import Augment
 
 
 def checked(**fields):
     return check(resolve(Config(**fields)))
+
+
+def test_every_field_is_a_flag_and_only_typed_flags_are_parsed():
+    help_ = flag_parser().format_help()  # what `python train.py --help` prints
+    for name in Config.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in help_
+    assert vars(flag_parser().parse_args(["--lr", "0.1", "--no-compile", "--tta"])) == {"lr": 0.1, "compile": False,
+                                                                                         "tta": True}
+
+
+def test_flag_syntax_errors_keep_argparse_usage(capsys):
+    with pytest.raises(SystemExit) as e:
+        flag_parser().parse_args(["--recipe", "turbo"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "usage: train.py" in err and "invalid choice: 'turbo'" in err
 
 
 def test_seed_recipe_is_the_original_design():

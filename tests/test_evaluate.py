@@ -37,13 +37,13 @@ def test_evaluate_gives_the_numbers_the_trainer_logged_plain_and_with_flip_tta(s
 
 
 @pytest.mark.xdist_group("short")
-def test_the_weight_average_is_evaluated_as_the_trainer_evaluated_it(short_run):
+def test_the_weight_average_is_evaluated_as_the_trainer_evaluated_it(short_run, capsys):
     run, _ = short_run
-    r = evaluate(run, "--checkpoint", "last", "--weights", "ema")
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert evaluate_script.main([str(run), "--checkpoint", "last", "--weights", "ema"]) == 0  # in-process: the CLI is above
+    out = capsys.readouterr().out
     logged = json.loads((run / "summary.json").read_text())["history"][-1]["ema_test_acc"]
-    assert "last.pt, the weight average (epoch 1, step 3)" in r.stdout
-    assert f"test accuracy: {logged:.2%} (the trainer logged {logged:.2%} for this checkpoint)" in r.stdout
+    assert "last.pt, the weight average (epoch 1, step 3)" in out
+    assert f"test accuracy: {logged:.2%} (the trainer logged {logged:.2%} for this checkpoint)" in out
 
 
 def test_a_missing_run_is_one_line_and_exit_2(tmp_path):
