@@ -462,9 +462,9 @@ def test_two_ranks_stop_together_survive_a_dead_rank_and_resume_on_two_machines(
     README's two-machine commands, a rank killed there, and resumed again to the end: the world (2 ranks)
     is what a resume needs, not where they run."""
     # --threads 1: both "machines" share this one's cores, and each would take them all (it sees them idle)
-    job = torchrun("--smoke", "--limit-train", "48", "--limit-test", "32", "--epochs", "3", "--threads", "1",
-                   "--bn-reestimate", "16", "--runs", tmp_path, "--name", "ddp")  # 3 steps an epoch, each rank 8 of
-    # the 16 images of a step; BatchNorm re-estimated on 16 images (the default, all 48, costs more, tests no more)
+    job = torchrun("--smoke", "--limit-train", "24", "--batch-size", "8", "--limit-test", "16", "--epochs", "3",
+                   "--threads", "1", "--bn-reestimate", "8", "--runs", tmp_path, "--name", "ddp")  # 3 steps an epoch,
+    # each rank 4 of the 8 images of a step; BatchNorm re-estimated on 8 images (all 24 would cost more, test no more)
     wait_for(job.stderr, "| 1/9 [")  # rank 0's bar
     job.send_signal(signal.SIGTERM)  # to the job: torchrun hands it to every rank
     _, err = job.communicate(timeout=60)
@@ -491,7 +491,7 @@ def test_two_ranks_stop_together_survive_a_dead_rank_and_resume_on_two_machines(
     # Every epoch ends with the ranks comparing their weights (an assertion in train.py): both finished, so equal.
     s = summary(tmp_path / "ddp")
     assert s["complete"] and s["world_size"] == 2 and [h["epoch"] for h in s["history"]] == [1, 2, 3]
-    assert [h["step"] for h in s["history"]] == [3, 6, 9]  # 16 images a step over both ranks, as on one
+    assert [h["step"] for h in s["history"]] == [3, 6, 9]  # 8 images a step over both ranks, as on one
 
 
 @pytest.mark.skipif(not os.environ.get("DDP_STRESS"), reason="opt-in: DDP_STRESS=<runs> make test ARGS='-k stress'")
