@@ -30,13 +30,13 @@ from conftest import TRAIN_ENV, write_image_tree
 from net import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
-# The one short run that learns: 3 epochs of 5 steps of 8 generated images (Adam: it learns their
+# The one short run that learns: 3 epochs of 4 steps of 8 generated images (Adam: it learns their
 # flat colours in fewer steps than SGD), evaluated on 16; the onecycle schedule, augmentation on,
-# a moving average of the weights, BatchNorm re-estimated on 16 images (not the 40 a short run would use:
+# a moving average of the weights, BatchNorm re-estimated on 16 images (not the 32 a short run would use:
 # each evaluation costs a second less, and it learns as well).
 # One torch thread: runs compare bit for bit only at the same thread count, and `make test` runs
 # a test on every core at once, so a second thread would wait for a busy core.
-LEARN = ["--smoke", "--optimizer", "adam", "--lr", "0.005", "--warmup-epochs", "0.5", "--limit-train", "40",
+LEARN = ["--smoke", "--optimizer", "adam", "--lr", "0.007", "--warmup-epochs", "0.5", "--limit-train", "32",
          "--batch-size", "8", "--limit-test", "16", "--epochs", "3", "--target-acc", "0.25", "--threads", "1",
          "--ema", "0.9", "--bn-reestimate", "16"]  # with a weight average: evaluated beside the weights, saved, resumed
 ENV = TRAIN_ENV  # train.py run directly, as a user would: not as a child of `make test`
@@ -71,7 +71,7 @@ def checkpoint_state(run_dir):
 
 @pytest.fixture(scope="session")  # one per worker: a module fixture is remade when modules interleave there
 def learned(tmp_path_factory):
-    """One uninterrupted LEARN run (15 steps), shared by the tests that read its outputs."""
+    """One uninterrupted LEARN run (12 steps), shared by the tests that read its outputs."""
     runs = tmp_path_factory.mktemp("runs")
     r = train(*LEARN, "--runs", runs, "--name", "learn")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -95,9 +95,9 @@ def test_summary_has_every_field(learned):
                 "mean_train_img_per_s", "target_acc", "epoch_to_target", "wall_s_to_target", "history", "commit",
                 "compiled", "compile_s", "complete", "steps", "train_images", "test_images"):
         assert key in s, key
-    assert s["epochs_run"] == 3 and s["steps"] == 15 and s["params"] == 133_322 and s["device"] == "cpu"
+    assert s["epochs_run"] == 3 and s["steps"] == 12 and s["params"] == 133_322 and s["device"] == "cpu"
     assert s["complete"] and s["compiled"] is False and s["compile_s"] is None
-    assert (s["train_images"], s["test_images"]) == (40, 16)
+    assert (s["train_images"], s["test_images"]) == (32, 16)
     assert s["best_acc"] >= s["final_acc"] > 0 and s["mean_train_img_per_s"] > 0
     best = max((h[key], key) for h in s["history"] for key in ("test_acc", "ema_test_acc"))
     assert s["best_acc"] == best[0] and s["best_weights"] == ("ema" if best[1] == "ema_test_acc" else "raw")
@@ -127,7 +127,7 @@ def test_tensorboard_has_step_curves_epoch_curves_and_pictures(learned):
                 "loss/test_ema",
                 "throughput/train_img_per_s", "time/epoch_s", "test_class_accuracy/airplane", "test_class_accuracy/truck"):
         assert tag in scalars, tag
-    assert [e.step for e in events.Scalars("loss/train_step")] == list(range(1, 16))  # log_every is 1 on CPU
+    assert [e.step for e in events.Scalars("loss/train_step")] == list(range(1, 13))  # log_every is 1 on CPU
     assert [e.step for e in events.Scalars("accuracy/test")] == [1, 2, 3]
     # The dashboard sorts groups by name: the curves first, no single-point hparam charts among them.
     groups = sorted({tag.split("/")[0] for tag in scalars | set(events.Tags()["images"])})
@@ -231,18 +231,18 @@ def test_a_run_stopped_every_way_resumes_on_the_same_batches_to_the_same_weights
     run_dir = tmp_path / "cut"
     proc = start(*LEARN, "--checkpoint-every", "0", "--runs", tmp_path, "--name", "cut",
                  env={**ENV, "MAKELEVEL": "1"})  # as `make train` starts it
-    wait_for(proc.stderr, "| 7/15 [")  # the bar (text mode reads its \r as a line end): epoch 2 is under way
+    wait_for(proc.stderr, "| 5/12 [")  # the bar (text mode reads its \r as a line end): epoch 2 is under way
     proc.send_signal(signal.SIGTERM)  # Ctrl-C (SIGINT) takes the same path
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]
     assert f'continue with: make train ARGS="--resume {run_dir}"' in err  # the way it was started
     cut = checkpoint_state(run_dir)
-    assert cut["epoch"] == 1 and 0 < cut["step_in_epoch"] < 5 and cut["partial"]["seconds"] > 0
+    assert cut["epoch"] == 1 and 0 < cut["step_in_epoch"] < 4 and cut["partial"]["seconds"] > 0
 
     rng = random.Random(0)  # seeded: a failure replays
     proc = start("--resume", run_dir)
-    for target in sorted(rng.sample(range(cut["step"] + 2, 14), 2)):
-        wait_for(proc.stderr, f"| {target}/15 [")
+    for target in sorted(rng.sample(range(cut["step"] + 2, 11), 2)):
+        wait_for(proc.stderr, f"| {target}/12 [")
         time.sleep(rng.uniform(0, 0.6))  # somewhere in the next step or its checkpoint
         proc.kill()
         proc.communicate()
@@ -259,7 +259,7 @@ def test_a_run_stopped_every_way_resumes_on_the_same_batches_to_the_same_weights
     schedule = [(h["epoch"], h["step"], h["lr"]) for h in s["history"]]
     assert schedule == [(h["epoch"], h["step"], h["lr"]) for h in summary(learned)["history"]]
     resumed = s["history"][1]
-    assert resumed["resumed_at_step"] == cut["step_in_epoch"]  # marked; its totals cover all 5 steps
+    assert resumed["resumed_at_step"] == cut["step_in_epoch"]  # marked; its totals cover all 4 steps
     assert resumed["epoch_s"] > cut["partial"]["seconds"]  # the time before the stop is counted
     assert s["wall_s"] == pytest.approx(sum(h["epoch_s"] for h in s["history"]))
     # Each batch's augmentation follows from its index: the resumed run trained on exactly the same batches.
@@ -309,7 +309,7 @@ def test_a_complete_run_is_left_alone_and_raising_epochs_extends_it(learned, tmp
     assert r.returncode == 0, r.stderr[-3000:]
     assert "--epochs 4 (was 3)" in r.stdout and "stretched" in r.stdout
     s = summary(tmp_path / "more")
-    assert s["epochs_run"] == 4 and s["steps"] == 20 and s["config"]["epochs"] == 4
+    assert s["epochs_run"] == 4 and s["steps"] == 16 and s["config"]["epochs"] == 4
 
 
 def test_a_full_disk_while_saving_stops_in_one_line_and_keeps_the_last_checkpoint(tmp_path):
