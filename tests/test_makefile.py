@@ -1,4 +1,5 @@
 """The Makefile's install step where torch is already there (a GPU box, a cluster image): nothing downloaded."""
+import importlib.util
 import json
 import os
 import re
@@ -18,22 +19,33 @@ def make_install(folder, **env):
                           env={**os.environ, **NO_REGISTRY, **env}, timeout=120)
 
 
-def test_a_python_with_torch_and_everything_else_installs_nothing(tmp_path):
-    r = make_install(tmp_path)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "every dependency is there: nothing to install" in r.stdout and "using " in r.stdout
-    assert not (tmp_path / ".venv").exists() and (tmp_path / ".deps-checked").exists()
-
-
-def stand_ins(folder, missing):
-    """A module for each of the Makefile's DEPS on a PYTHONPATH of its own, `missing` raising ImportError as if
-    absent: the check sees that Python (importing the real ones takes seconds: the test above does)."""
+def dependencies():
+    """The import names of the Makefile's DEPS (`module:package` pairs)."""
     deps = re.search(r"^DEPS := (.*?[^\\])$", (ROOT / "Makefile").read_text(), re.M | re.S).group(1)
-    for module in (dep.split(":")[0] for dep in deps.replace("\\\n", " ").split()):
+    return [dep.split(":")[0] for dep in deps.replace("\\\n", " ").split()]
+
+
+def stand_ins(folder, missing=None):
+    """A module for each of the Makefile's DEPS on a PYTHONPATH of its own, `missing` raising ImportError as if
+    absent: the check sees that Python, and importing the real ones would take seconds."""
+    for module in dependencies():
         path = folder.joinpath(*module.split("."), "__init__.py")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("raise ImportError('not installed')\n" if module == missing else "__version__ = '2.13.0'\n")
     return str(folder)
+
+
+def test_the_check_looks_for_the_modules_the_packages_install():
+    missing = [module for module in dependencies() if importlib.util.find_spec(module) is None]
+    assert not missing, f"the Makefile's DEPS name modules that this environment, which has them all, lacks: {missing}"
+    assert {"torch", "nvidia.dali", "xdist", "PIL"} <= set(dependencies())
+
+
+def test_a_python_with_torch_and_everything_else_installs_nothing(tmp_path):
+    r = make_install(tmp_path, PYTHONPATH=stand_ins(tmp_path / "modules"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "every dependency is there: nothing to install" in r.stdout and "(torch 2.13.0)" in r.stdout
+    assert not (tmp_path / ".venv").exists() and (tmp_path / ".deps-checked").exists()
 
 
 def test_a_python_with_torch_but_a_missing_dependency_asks_pip_for_that_one_only(tmp_path):
