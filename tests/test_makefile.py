@@ -58,7 +58,7 @@ def test_train_with_seeds_runs_once_per_seed_then_prints_the_results(tmp_path):
     """`make train SEEDS=...` in the checkout itself (-o: no reinstall here), two 1-step runs."""
     r = subprocess.run(["make", "--no-print-directory", "-o", ".venv/.installed", "-o", ".deps-checked", "train",
                         f"PYTHON={sys.executable}", 'SEEDS=0 1', f"RUNS={tmp_path}",
-                        "ARGS=--smoke --limit-train 16 --limit-test 16"], cwd=ROOT, capture_output=True, text=True,
+                        "ARGS=--smoke --limit-train 8 --batch-size 8 --limit-test 8"], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     seeds = sorted(json.loads(p.read_text())["config"]["seed"] for p in tmp_path.glob("*/summary.json"))

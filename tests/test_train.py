@@ -343,6 +343,7 @@ def test_a_second_train_py_on_a_busy_run_folder_is_refused_at_once(tmp_path):
     holder = start(*TINY, "--epochs", "50", "--runs", tmp_path, "--name", "busy")
     try:
         wait_for(holder.stdout, "loading")  # the folder is locked before the data loads
+        holder.send_signal(signal.SIGSTOP)  # paused where it is: it keeps the lock, and leaves the cores to the test
         err = one_line_error(train(*TINY, "--runs", tmp_path, "--name", "busy"))
         assert f"{tmp_path / 'busy'} is in use by another train.py (pid {holder.pid} on " in err
     finally:
