@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from engine.config import UserError
-from engine.run import add_run_flags, load_weights, write_atomic
+from engine.run import SaveError, add_run_flags, load_weights, write_atomic
 from net import build_model
 
 
@@ -37,9 +37,11 @@ def main(argv=None):
         with warnings.catch_warnings():  # the exporter's notes on what it did not need (torchvision ops, ...)
             warnings.simplefilter("ignore")
             logging.disable(logging.WARNING)
-            program = torch.onnx.export(model, (example,), dynamo=True, input_names=["images"], output_names=["logits"],
-                                        dynamic_shapes=({0: batch},), verbose=False)
-            logging.disable(logging.NOTSET)
+            try:
+                program = torch.onnx.export(model, (example,), dynamo=True, input_names=["images"],
+                                            output_names=["logits"], dynamic_shapes=({0: batch},), verbose=False)
+            finally:
+                logging.disable(logging.NOTSET)
         program.save(tmp)
 
     write_atomic(out, export)
@@ -53,3 +55,6 @@ if __name__ == "__main__":
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except SaveError as e:  # a full or read-only disk: one line naming the file
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 
 # Settings that do not change what a run computes, or that tell runs of one experiment apart.
-PER_RUN = {"seed", "name", "runs", "resume", "log_every", "threads", "checkpoint_every", "allow_other_data"}
+PER_RUN = {"seed", "name", "runs", "resume", "log_every", "threads", "checkpoint_every", "allow_other_data", "tta"}
 
 
 def finished_runs(runs_dir):
@@ -54,17 +54,13 @@ def group_runs(runs):
 
 def format_groups(groups):
     """The groups as a Markdown table, a row each."""
-    def pct(ms):
-        mean, std = ms
-        return "—" if mean is None else f"{mean:.2%}" + (f" ± {std:.2%}" if std is not None else "")
-
     def num(ms, fmt):
         mean, std = ms
         return "—" if mean is None else format(mean, fmt) + (f" ± {format(std, fmt)}" if std is not None else "")
 
     rows = [("settings", "n", "final acc", "best acc", "reached target", "epochs to it", "seconds to it")]
     for g in groups:
-        rows.append((g["label"], str(g["n"]), pct(g["final"]), pct(g["best"]),
+        rows.append((g["label"], str(g["n"]), num(g["final"], ".2%"), num(g["best"], ".2%"),
                      f"{g['reached']} of {g['n']} ({g['target_acc']:.0%})", num(g["epochs_to_target"], ".1f"),
                      num(g["seconds_to_target"], ",.0f")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.run import load_weights
+import export as export_script
+from engine.run import SaveError, load_weights
 from net import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,3 +31,10 @@ def test_the_onnx_model_gives_pytorchs_logits_at_any_batch_size(short_run, tmp_p
         with torch.no_grad():
             expected = model(x).numpy()
         np.testing.assert_allclose(session.run(["logits"], {"images": x.numpy()})[0], expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.xdist_group("short")
+def test_a_file_that_cannot_be_written_is_one_line_naming_it(short_run, tmp_path):
+    pytest.importorskip("onnxscript", reason="the export extra (pip install -e '.[export]')")
+    with pytest.raises(SaveError, match=f"could not write {tmp_path / 'gone' / 'm.onnx'} "):
+        export_script.main([str(short_run[0]), "--out", str(tmp_path / "gone" / "m.onnx")])  # no such folder

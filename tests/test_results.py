@@ -27,7 +27,8 @@ def write_run(runs, name, *, seed, final, best, reached=None, complete=True, **s
 def runs(tmp_path):
     for seed, (final, best, reached) in enumerate([(0.84, 0.86, (12, 400.0)), (0.85, 0.87, (11, 380.0)),
                                                     (0.83, 0.84, None)]):
-        write_run(tmp_path, f"fast-{seed}", seed=seed, final=final, best=best, reached=reached)
+        write_run(tmp_path, f"fast-{seed}", seed=seed, final=final, best=best, reached=reached,
+                  tta=seed == 1)  # a flip-TTA report beside the result changes nothing the run trained
     write_run(tmp_path, "seed-0", seed=0, final=0.80, best=0.81, recipe="seed")
     write_run(tmp_path, "cut-short", seed=9, final=0.1, best=0.1, complete=False)  # stopped: not a result
     return tmp_path

@@ -26,7 +26,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from conftest import TRAIN_ENV, write_image_tree
+from conftest import TRAIN_ENV as ENV  # train.py run directly, as a user would: not as a child of `make test`
+from conftest import write_image_tree
 from net import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +40,6 @@ ROOT = Path(__file__).resolve().parents[1]
 LEARN = ["--smoke", "--optimizer", "adam", "--lr", "0.007", "--warmup-epochs", "0.5", "--limit-train", "32",
          "--batch-size", "8", "--limit-test", "16", "--epochs", "3", "--target-acc", "0.25", "--threads", "1",
          "--ema", "0.9", "--bn-reestimate", "16"]  # with a weight average: evaluated beside the weights, saved, resumed
-ENV = TRAIN_ENV  # train.py run directly, as a user would: not as a child of `make test`
 TINY = ["--smoke", "--limit-train", "32", "--limit-test", "32"]  # 2 steps of 16 an epoch: for what needs steps, not learning
 
 
