@@ -1,4 +1,5 @@
-"""The bench on CPU: every row measured and written, a failure keeping what it measured, its helpers."""
+"""The bench on CPU: every row measured and written, a failure keeping what it measured, its helpers,
+and the conv-by-conv breakdown (`python -m bench.convs`)."""
 import json
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench import bench
+from bench import bench, convs
 from bench import model as bench_model
 from bench.pipelines import torch_augment
 from bench.report import figure
@@ -121,3 +122,13 @@ def test_quick_cuda_bench_exits_0(tmp_path):
     res = json.loads(result.read_text())
     assert res["complete"] and {"DALI raw, cuda", "plain torch, cuda"} <= set(res["pipeline"])
     assert res["compile"]["compiled bf16 channels_last"]["graphs"] == 2
+
+
+def test_convs_times_every_conv_in_both_layouts_and_names_the_top_kernels():
+    timing = dict(steps=1, repeats=1, warmup=0, sync=lambda: None)
+    rows = convs.conv_rows(torch.device("cpu"), torch.float32, 1, timing)
+    assert len(rows) == 2 * 12 and {layout for _, layout, _, _ in rows} == {"NCHW", "channels_last"}
+    assert rows[2][0] == "1: 32->32, k3, dilation 2, groups 32"  # the first depthwise conv, NCHW first
+    assert all(0 < fwd and 0 < both for *_, fwd, both in rows)
+    cfg = bench.resolve(bench.Config(device="cpu", batch_size=2))
+    assert "aten::convolution_backward" in convs.top_kernels(cfg, bench.setup_env(cfg), steps=1)
