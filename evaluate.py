@@ -31,11 +31,11 @@ def main(argv=None):
     weights, which, ckpt, cfg = load_weights(args.run, args.checkpoint, args.weights)
     cfg = dataclasses.replace(cfg, device=args.device, data=args.data or cfg.data, threads=None)
     env = setup_env(cfg)  # the trainer's precision on this device: bf16 autocast on CUDA, fp32 on CPU
-    model = build_model(dropout=cfg.dropout).to(env.device, memory_format=torch.channels_last)
+    model = build_model(dropout=cfg.dropout).to(env.device, memory_format=env.memory_format)
     model.load_state_dict(weights)
     images, labels = load_split(cfg, "test")  # the same sample the trainer evaluated
     loader = make_loader(images, labels, batch_size=cfg.eval_batch_size, train=False, device=env.device, dtype=env.dtype,
-                         seed=cfg.seed, num_threads=env.dali_threads)
+                         memory_format=env.memory_format, seed=cfg.seed, num_threads=env.dali_threads)
     _, acc, confusion = evaluate(model, loader, env)
     state = ckpt["state"]  # the row this checkpoint was saved at, unless it was saved inside an epoch
     logged = state["history"][-1] if state["history"] and not state["step_in_epoch"] else None

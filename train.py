@@ -53,7 +53,7 @@ def make_loaders(cfg, env, train, test):
 def loader_args(cfg, env):
     """What every loader of the run shares: this rank's shard, on its device, in the model's dtype."""
     return dict(device=env.device, seed=cfg.seed, shard_id=env.rank, num_shards=env.world, dtype=env.dtype,
-                num_threads=env.dali_threads)
+                memory_format=env.memory_format, num_threads=env.dali_threads)
 
 
 def short_run(cfg, env, model, train, total):
@@ -109,7 +109,7 @@ def run(cfg, ckpt, notes, env, stop, run_dir):
         notes.append(same_data(ckpt.get("data"), data, cfg))
     train_loader, test_loader = make_loaders(cfg, env, train, test)
     steps_per_epoch = len(train_loader)
-    model = build_model(dropout=cfg.dropout).to(env.device, memory_format=torch.channels_last)  # 4. model & co
+    model = build_model(dropout=cfg.dropout).to(env.device, memory_format=env.memory_format)  # 4. model & co
     optimizer = make_optimizer(cfg, model)
     schedule = make_schedule(cfg, optimizer, steps_per_epoch)
     state = restore_run(ckpt, model, optimizer, schedule, env) if ckpt else RunState()

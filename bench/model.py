@@ -38,10 +38,10 @@ def prepare_model(cfg, env, key, notes):
     a rejected compile is timed eager, and `notes` says so under the variant's key."""
     dtype, channels_last, compiled = model_variants(cfg.device)[key]
     variant_env = dataclasses.replace(env, dtype=dtype, autocast=env.autocast if dtype == torch.bfloat16
-                                      else contextlib.nullcontext)
+                                      else contextlib.nullcontext,
+                                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     torch.manual_seed(cfg.seed)
-    model = build_model(dropout=cfg.dropout).to(cfg.device, memory_format=torch.channels_last if channels_last
-                                                else torch.contiguous_format)
+    model = build_model(dropout=cfg.dropout).to(cfg.device, memory_format=variant_env.memory_format)
     if compiled:
         check = compile_checked(model, variant_env, eval_batch=cfg.batch_size, train_batch=cfg.batch_size,
                                 mode=cfg.compile_mode)
@@ -96,7 +96,7 @@ def bench_end_to_end(cfg, model, env, images, labels, timing):
     model.train()
     optimizer = make_optimizer(cfg, model)
     loader = make_loader(images, labels, batch_size=cfg.batch_size, train=True, augment=augment(cfg), device=cfg.device,
-                         dtype=env.dtype, num_threads=env.dali_threads)
+                         dtype=env.dtype, memory_format=env.memory_format, num_threads=env.dali_threads)
     schedule = make_schedule(cfg, optimizer, len(loader))
 
     def epoch():

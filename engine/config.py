@@ -78,6 +78,9 @@ class Config:
     device: str = field(default=None, metadata={"choices": ["cuda", "cpu"], "help": "default: cuda when available"})
     compile: bool = field(default=None, metadata={"help": "torch.compile (default: on with CUDA, off on CPU)"})
     compile_mode: str = field(default="default", metadata={"help": "torch.compile mode, e.g. max-autotune"})
+    channels_last: bool = field(default=True, metadata={
+        "help": "the model and its batches in channels_last memory (--no-channels-last: NCHW, faster for this "
+                "model's convs on an H100: see README)"})
     threads: int = field(default=None, metadata={"help": "torch's CPU threads (default on CPU: the cores idle at start)"})
     bn_reestimate: int = field(default=None, metadata={
         "help": "re-estimate BatchNorm statistics on this many train images before each evaluation, 0 to never "
@@ -180,7 +183,7 @@ def check(cfg):
 
 
 # What a resumed run may change: how long it goes on, and how (not what) it computes.
-RESUME_MAY_CHANGE = ("epochs", "max_steps", "log_every", "device", "compile", "compile_mode", "threads",
+RESUME_MAY_CHANGE = ("epochs", "max_steps", "log_every", "device", "compile", "compile_mode", "channels_last", "threads",
                      "checkpoint_every", "data", "allow_other_data", "tta")  # data: a moved copy, checked by fingerprint
 
 

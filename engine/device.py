@@ -22,6 +22,7 @@ class Env:
     device: torch.device
     autocast: object = contextlib.nullcontext  # a context factory: bf16 autocast on CUDA, nothing on CPU
     dtype: torch.dtype = torch.float32  # of the batches the loader hands the model: bf16 on CUDA (half the bytes)
+    memory_format: torch.memory_format = torch.channels_last  # of the model and its batches (--no-channels-last: NCHW)
     rank: int = 0
     world: int = 1
     ddp: bool = False
@@ -32,6 +33,12 @@ class Env:
     @property
     def master(self):
         return self.rank == 0
+
+    @property
+    def precision_and_layout(self):
+        """How the model's batches run, for the start line: "bf16 channels_last", "fp32 NCHW"."""
+        dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[self.dtype]
+        return f"{dtype} {'channels_last' if self.memory_format == torch.channels_last else 'NCHW'}"
 
     @property
     def name(self):
@@ -65,7 +72,9 @@ def setup_env(cfg):
     torch.set_num_threads(threads)
     why = f"{cores} cores, {idle} idle at start" + (f", {local_world} ranks on this machine" if local_world > 1 else "")
     return Env(device=torch.device(f"cuda:{local}" if cuda else "cpu"), autocast=bf16_autocast if cuda else contextlib.nullcontext,
-               dtype=torch.bfloat16 if cuda else torch.float32, rank=rank, world=world, ddp=ddp, threads=threads,
+               dtype=torch.bfloat16 if cuda else torch.float32,
+               memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format,
+               rank=rank, world=world, ddp=ddp, threads=threads,
                dali_threads=dali_threads, threads_why=why + (", --threads given" if cfg.threads else ""))
 
 
@@ -177,9 +186,9 @@ def compile_checked(model, env, *, eval_batch, train_batch, mode="default", comp
     check = CompileCheck(model=model, compiled=False)
     gen = torch.Generator(device=env.device).manual_seed(0)
 
-    def batch(n):  # inputs as the loader hands them: the training dtype, channels_last
+    def batch(n):  # inputs as the loader hands them: the training dtype and memory layout
         x = torch.randn(n, 3, 32, 32, device=env.device, generator=gen).to(env.dtype)
-        return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous(memory_format=env.memory_format)
 
     was_training, fast = model.training, None
     saved = {k: v.clone() for k, v in model.state_dict().items()}  # the check's training pass moves BN statistics

@@ -46,7 +46,7 @@ class Logger:
                       "eager_error": check.eager_error, "train_images": sizes[0], "test_images": sizes[1]}
         self.memory = train_memory_bytes(model, cfg.batch_size // env.world)
         self.writer = SummaryWriter(run_dir, flush_secs=10)  # curves show up while the first epoch runs
-        print(f"device: {self.facts['device']} x {env.world}, params {self.facts['params']:,}, "
+        print(f"device: {self.facts['device']} x {env.world}, {env.precision_and_layout}, params {self.facts['params']:,}, "
               f"{steps_per_epoch} steps/epoch of {cfg.batch_size}, {self.total} steps in all"
               + (f", compiled {check.graphs} graphs in {check.seconds:.0f} s (error against fp32 {check.error:.1e}, "
                  f"eager bf16 {check.eager_error:.1e})" if check.compiled else ""))

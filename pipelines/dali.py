@@ -132,13 +132,15 @@ class Loader:
     encoded source, decoded by DALI every epoch), as `load_cifar10` returns them.
     train=True: shuffled from (seed, epoch), the partial last batch dropped, `augment` applied
     (None: no augmentation); train=False: every image once in order, the partial last batch
-    kept, no augmentation. Yields (x, y): x (B, 3, 32, 32) in channels_last memory on `device`
-    in `dtype`, y int64 (B,). The pipeline is built on the first `iter()` and reset after each
-    full epoch (`builds` counts the builds); an epoch left unfinished costs one rebuild.
+    kept, no augmentation. Yields (x, y): x (B, 3, 32, 32) on `device` in `dtype` and
+    `memory_format` (channels_last, as DALI writes it, or NCHW at the cost of a transpose), y
+    int64 (B,). The pipeline is built on the first `iter()` and reset after each full epoch
+    (`builds` counts the builds); an epoch left unfinished costs one rebuild.
     """
 
     def __init__(self, images, labels, *, batch_size, train, device="cuda", augment=Augment(), seed=0,
-                 shard_id=0, num_shards=1, dtype=torch.float32, mean=MEAN, std=STD, num_threads=None):
+                 shard_id=0, num_shards=1, dtype=torch.float32, memory_format=torch.channels_last, mean=MEAN, std=STD,
+                 num_threads=None):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
         if str(device) not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
@@ -152,6 +154,8 @@ class Loader:
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, not {dtype}")
+        if memory_format not in (torch.channels_last, torch.contiguous_format):
+            raise ValueError(f"memory_format must be torch.channels_last or torch.contiguous_format, not {memory_format}")
         if augment is not None and not isinstance(augment, Augment):
             raise ValueError(f"augment must be an Augment or None, not {type(augment).__name__}")
         self.encoded = is_encoded(images)
@@ -160,7 +164,7 @@ class Loader:
             if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (SIZE, SIZE, 3):
                 raise ValueError(f"images must be uint8 (N, 32, 32, 3), not {images.dtype} {images.shape}")
         self.batch_size, self.train, self.augment = batch_size, train, augment if train else None
-        self.device, self.dtype, self.mean, self.std = device, dtype, mean, std
+        self.device, self.dtype, self.memory_format, self.mean, self.std = device, dtype, memory_format, mean, std
         self.seed, self.shard_id, self.num_shards = seed, shard_id, num_shards
         self.num_threads = num_threads or min(4, os.cpu_count() or 1)
         self.epoch, self.skip = 0, 0
@@ -245,11 +249,12 @@ class Loader:
             # HWC -> NCHW view: the memory stays HWC, which is exactly channels_last.
             x, y = x.permute(0, 3, 1, 2), y.view(-1)
             if keep is not None:  # copy into torch's memory on its stream (and cast): see the module's doc
-                x_out, y_out = x.to(self.dtype, copy=True), y.to(torch.int64, copy=True)
+                x_out = x.to(self.dtype, copy=True, memory_format=self.memory_format)
+                y_out = y.to(torch.int64, copy=True)
                 keep.hold((x, y))
                 x, y = x_out, y_out
             else:  # CPU: no stream to race, and torch's tensor keeps DALI's buffer alive
-                x, y = x.to(self.dtype), y.long()
+                x, y = x.to(self.dtype, memory_format=self.memory_format), y.long()
             yield x, y
         self._finished = True
 

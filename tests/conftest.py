@@ -130,13 +130,14 @@ def short_run(tmp_path_factory):
     """(run folder, stdout) of the one finished run that tests read after training: 3 steps of 8 images from a
     JPEG image tree, decoded by DALI (--source encoded), cut short by --max-steps inside the first epoch (of 4
     steps), evaluated on 20 test images; with a moving average of the weights (--ema) and the final weights
-    also evaluated with flip TTA (--tta). Tests that use it are marked xdist_group("short"), so one worker
-    makes it once."""
+    also evaluated with flip TTA (--tta); in NCHW memory (--no-channels-last), where every other run is
+    channels_last. Tests that use it are marked xdist_group("short"), so one worker makes it once."""
     tmp = tmp_path_factory.mktemp("short")
     tree = write_image_tree(tmp / "jpeg", fmt="jpg")
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", str(tree), "--source", "encoded", "--device",
                         "cpu", "--limit-train", "32", "--limit-test", "20", "--batch-size", "8", "--eval-batch-size", "20",
-                        "--epochs", "5", "--max-steps", "3", "--ema", "0.9", "--tta", "--runs", str(tmp), "--name", "short"],
+                        "--epochs", "5", "--max-steps", "3", "--ema", "0.9", "--tta", "--no-channels-last", "--runs", str(tmp),
+                        "--name", "short"],
                        capture_output=True, text=True, cwd=ROOT, env=TRAIN_ENV, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return tmp / "short", r.stdout

@@ -18,6 +18,9 @@ def test_cpu_env_is_fp32_eager_with_threads_on_the_idle_cores():
         assert env.device.type == "cpu" and env.dtype == torch.float32 and not env.ddp and env.master
         assert 1 <= env.threads <= len(os.sched_getaffinity(0)) and env.dali_threads == 1
         assert "idle at start" in env.threads_why
+        assert env.memory_format == torch.channels_last and env.precision_and_layout == "fp32 channels_last"
+        nchw = setup_env(resolve(Config(device="cpu", channels_last=False)))  # --no-channels-last
+        assert nchw.memory_format == torch.contiguous_format and nchw.precision_and_layout == "fp32 NCHW"
         with env.autocast():  # a no-op context on CPU
             assert not torch.is_autocast_enabled()
         env = setup_env(resolve(Config(device="cpu", threads=1)))

@@ -32,7 +32,7 @@ def test_the_start_prints_the_config_and_what_will_run(started):
     _, out = started
     lines = out.splitlines()
     assert lines[0].startswith("config: {") and '"cutout_p": 0.0' in lines[0]
-    assert "device: cpu x 1, params 133,322, 100 steps/epoch of 16, 200 steps in all" in out
+    assert "device: cpu x 1, fp32 channels_last, params 133,322, 100 steps/epoch of 16, 200 steps in all" in out
     assert "threads: torch 2, DALI 1 (2 cores, 2 idle at start)" in out
     assert "augmentation: flip p=0.5, shift-scale-rotate p=0.5 (shift 2 px, scale 1\u00b10.1, rotate \u00b115\u00b0)\n" in out
     assert "note: a note from the caller" in out and "note: torch.compile failed (X); training eager" in out

@@ -171,6 +171,17 @@ def test_batches_are_channels_last_float_and_labels_int64():
     assert x16.dtype == torch.bfloat16
 
 
+def test_nchw_batches_hold_the_same_values():
+    images = random_images(40)
+    x_cl, y_cl = next(iter(make_loader(images, np.arange(40), batch_size=16, train=True, device="cpu", seed=3)))
+    x, y = next(iter(make_loader(images, np.arange(40), batch_size=16, train=True, device="cpu", seed=3,
+                                 memory_format=torch.contiguous_format)))
+    assert x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(x, x_cl) and torch.equal(y, y_cl)  # the same augmented batch, laid out NCHW
+    with pytest.raises(ValueError, match="memory_format must be"):
+        make_loader(images, np.arange(40), batch_size=16, train=True, device="cpu", memory_format=torch.preserve_format)
+
+
 def epoch_ids(loader):
     return np.concatenate([y.numpy() for _, y in loader])
 
@@ -323,6 +334,9 @@ def test_gpu_batches_are_channels_last_in_the_model_dtype(dtype):
     x, y = next(iter(loader))
     assert x.is_cuda and y.is_cuda and x.dtype == dtype and y.dtype == torch.int64
     assert x.is_contiguous(memory_format=torch.channels_last)
+    x_nchw, _ = next(iter(make_loader(random_images(256), np.arange(256), batch_size=64, train=True, device="cuda",
+                                      dtype=dtype, memory_format=torch.contiguous_format)))
+    assert x_nchw.is_contiguous() and x_nchw.dtype == dtype
 
 
 @pytest.mark.cuda

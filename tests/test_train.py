@@ -182,6 +182,7 @@ def test_the_start_says_what_will_run(short_run):
     _, out = short_run
     assert "4 steps/epoch of 8, 3 steps in all" in out and "training 1 epoch, 3 steps;" in out
     assert "threads: torch " in out and "augmentation: flip p=0.5, shift-scale-rotate p=0.5" in out
+    assert "device: cpu x 1, fp32 NCHW, params" in out  # --no-channels-last
     assert "a short run (3 steps;" in out and "re-estimated on 32 train images" in out
 
 
