@@ -5,8 +5,8 @@
    the original design's Albumentations loader; beside them what a batch costs outside the
    graph: the numpy parameter draws, and an epoch's start (pipeline build, then reset);
 2. the model's train step alone on device-resident batches of the dtype and layout training
-   feeds each variant (eager fp32 NCHW / channels_last, eager bf16 NCHW and channels_last,
-   compiled bf16 channels_last through the trainer's compile check) and inference;
+   feeds each variant (eager fp32 NCHW / channels_last, eager and compiled bf16 in NCHW and in
+   channels_last, compiled through the trainer's compile check) and inference;
 3. end to end: `engine.loop.train_epoch`, the very loop train.py runs (recipe optimizer and
    schedule, on-device metrics, log-step syncs), over the DALI loader, and its ratio to (2);
 4. the limit: FLOPs and minimum bytes per training image against the device's measured

@@ -28,6 +28,7 @@ def model_variants(device):
         return {"eager fp32 NCHW": (torch.float32, False, False),
                 "eager bf16 NCHW": (torch.bfloat16, False, False),
                 "eager bf16 channels_last": (torch.bfloat16, True, False),
+                "compiled bf16 NCHW": (torch.bfloat16, False, True),  # --no-channels-last: Inductor kept to NCHW
                 "compiled bf16 channels_last": (torch.bfloat16, True, True)}
     return {"eager fp32 NCHW": (torch.float32, False, False), "eager fp32 channels_last": (torch.float32, True, False)}
 

@@ -158,6 +158,13 @@ class CompileCheck:
     note: str = None  # why it fell back to eager, for the log
 
 
+def inductor_keeps_nchw():
+    """A context in which Inductor compiles convs in the layout it is given (no layout optimisation)."""
+    import torch._inductor.config  # here: Inductor's import is seconds, and only a compile needs it
+
+    return torch._inductor.config.patch(layout_optimization=False)
+
+
 def relative_error(out, reference):
     return ((out.float() - reference).abs().max() / reference.abs().max().clamp_min(1e-6)).item()  # sync: at start
 
@@ -179,6 +186,10 @@ def compile_checked(model, env, *, eval_batch, train_batch, mode="default", comp
     otherwise turn the graph into a dynamic-shape one. Past Dynamo's recompile limit torch
     would silently run eager; here it is an error. Inductor's max-autotune conv template has
     returned wrong results (PyTorch issue #173068): hence the comparison.
+
+    An NCHW run (`env.memory_format`, --no-channels-last) compiles with Inductor's layout
+    optimisation off: left on, Inductor turns this model's convs to channels_last by itself (its
+    heuristic keeps that layout for depthwise convs), and NCHW would be asked for but not run.
     """
     torch._dynamo.config.fail_on_recompile_limit_hit = True  # a graph per new shape is a bug, not a fallback
     counters = torch._dynamo.utils.counters["stats"]
@@ -193,29 +204,31 @@ def compile_checked(model, env, *, eval_batch, train_batch, mode="default", comp
     was_training, fast = model.training, None
     saved = {k: v.clone() for k, v in model.state_dict().items()}  # the check's training pass moves BN statistics
     rng = torch.get_rng_state(), torch.cuda.get_rng_state(env.device) if env.device.type == "cuda" else None
+    layout = contextlib.nullcontext() if env.memory_format == torch.channels_last else inductor_keeps_nchw()
     try:
-        fast = (compiler or torch.compile)(model, mode=mode, dynamic=False)
-        model.eval()
-        x = batch(eval_batch)
-        with torch.no_grad():
-            reference = model(x.float())
+        with layout:  # both graphs are compiled here, at their first call
+            fast = (compiler or torch.compile)(model, mode=mode, dynamic=False)
+            model.eval()
+            x = batch(eval_batch)
+            with torch.no_grad():
+                reference = model(x.float())
+                with env.autocast():
+                    eager, out = model(x), fast(x)
+            check.error, check.eager_error = relative_error(out, reference), relative_error(eager, reference)
+            model.train()
+            x, y = batch(train_batch), torch.randint(0, 10, (train_batch,), device=env.device, generator=gen)
             with env.autocast():
-                eager, out = model(x), fast(x)
-        check.error, check.eager_error = relative_error(out, reference), relative_error(eager, reference)
-        model.train()
-        x, y = batch(train_batch), torch.randint(0, 10, (train_batch,), device=env.device, generator=gen)
-        with env.autocast():
-            loss = F.cross_entropy(fast(x), y)
-        loss.backward()
-        grads_finite = torch.stack([torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None])
-        finite = bool(torch.isfinite(loss) & grads_finite.all())  # sync: once, at start
-        if not finite:
-            check.note = "the compiled training step gave a non-finite loss or gradient"
-        elif check.error > 2 * check.eager_error + 1e-4:
-            check.note = (f"the compiled model disagrees with eager (relative error {check.error:.2e} against fp32, "
-                          f"eager at training precision {check.eager_error:.2e})")
-        else:
-            check.model, check.compiled = fast, True
+                loss = F.cross_entropy(fast(x), y)
+            loss.backward()
+            grads_finite = torch.stack([torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None])
+            finite = bool(torch.isfinite(loss) & grads_finite.all())  # sync: once, at start
+            if not finite:
+                check.note = "the compiled training step gave a non-finite loss or gradient"
+            elif check.error > 2 * check.eager_error + 1e-4:
+                check.note = (f"the compiled model disagrees with eager (relative error {check.error:.2e} against fp32, "
+                              f"eager at training precision {check.eager_error:.2e})")
+            else:
+                check.model, check.compiled = fast, True
     except Exception as e:  # any compiler failure: train eager rather than not at all
         first = (str(e).strip().splitlines() or [""])[0][:200]
         check.note = f"torch.compile failed ({type(e).__name__}: {first})"

@@ -1,4 +1,5 @@
 """engine/device.py: the device set-up, and the compile check that decides compiled or eager."""
+import dataclasses
 import os
 
 import pytest
@@ -61,6 +62,29 @@ def test_compile_check_builds_both_graphs_the_trainer_needs_and_leaves_the_model
         check.model.eval()(torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last))
     check.model.train()(torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)).sum().backward()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2 and check.graphs == 2
+
+
+def test_an_nchw_run_compiles_with_inductors_layout_optimisation_off():
+    import torch._inductor.config as inductor
+
+    own_choice, seen = inductor.layout_optimization, []
+
+    class Recording(torch.nn.Module):  # the setting in force at each call: where the real graphs compile
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            seen.append((inductor.layout_optimization, x.is_contiguous()))
+            return self.model(x)
+
+    nchw = dataclasses.replace(CPU, memory_format=torch.contiguous_format)  # --no-channels-last
+    check = compile_checked(build_model(), nchw, eval_batch=4, train_batch=2, compiler=lambda m, **kw: Recording(m))
+    assert check.compiled and seen == [(False, True), (False, True)]  # both graphs, NCHW batches, layout pinned
+    assert inductor.layout_optimization == own_choice  # put back after the check
+    seen.clear()
+    compile_checked(build_model(), CPU, eval_batch=4, train_batch=2, compiler=lambda m, **kw: Recording(m))
+    assert seen == [(own_choice, False), (own_choice, False)]  # channels_last: Inductor's own choice
 
 
 def test_a_compiler_that_raises_means_eager_with_a_note():
