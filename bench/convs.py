@@ -47,9 +47,9 @@ def top_kernels(cfg, env, steps=5, rows=15):
     """The profiler's table of the most expensive kernels (device time; CPU time on a CPU) over
     `steps` eager steps of the trainer's own `train_step` and optimizer, in its dtype and layout."""
     torch.manual_seed(cfg.seed)
-    model = build_model(dropout=cfg.dropout).to(env.device, memory_format=torch.channels_last)
+    model = build_model(dropout=cfg.dropout).to(env.device, memory_format=env.memory_format)
     optimizer = make_optimizer(cfg, model)
-    x = torch.randn(cfg.batch_size, 3, 32, 32, device=env.device).to(env.dtype).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(cfg.batch_size, 3, 32, 32, device=env.device).to(env.dtype).contiguous(memory_format=env.memory_format)
     y = torch.randint(0, 10, (cfg.batch_size,), device=env.device)
 
     def step():
@@ -79,12 +79,12 @@ def main(argv=None):
     env = setup_env(cfg)
     timing = dict(steps=10 if cuda else 1, repeats=5 if cuda else 3, warmup=3 if cuda else 1,
                   sync=torch.cuda.synchronize if cuda else (lambda: None))
-    print(f"{torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, cuDNN "
-          f"{torch.backends.cudnn.version()}, {env.dtype}, batch {batch}; ms per step, median of {timing['repeats']}\n")
+    print(f"{env.name}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, {env.dtype}, batch {batch}; "
+          f"ms per step, median of {timing['repeats']}\n")
     print("| conv | layout | forward ms | forward + backward ms |\n|---|---|---|---|")
     for what, layout, fwd, both in conv_rows(env.device, env.dtype, batch, timing):
         print(f"| {what} | {layout} | {fwd:.3f} | {both:.3f} |", flush=True)
-    print(f"\nTop kernels over 5 eager train steps, {env.dtype}, channels_last:\n")
+    print(f"\nTop kernels over 5 eager train steps, {env.precision_and_layout}:\n")
     print(top_kernels(cfg, env))
     return 0
 

@@ -158,13 +158,6 @@ class CompileCheck:
     note: str = None  # why it fell back to eager, for the log
 
 
-def inductor_keeps_nchw():
-    """A context in which Inductor compiles convs in the layout it is given (no layout optimisation)."""
-    import torch._inductor.config  # here: Inductor's import is seconds, and only a compile needs it
-
-    return torch._inductor.config.patch(layout_optimization=False)
-
-
 def relative_error(out, reference):
     return ((out.float() - reference).abs().max() / reference.abs().max().clamp_min(1e-6)).item()  # sync: at start
 
@@ -204,7 +197,11 @@ def compile_checked(model, env, *, eval_batch, train_batch, mode="default", comp
     was_training, fast = model.training, None
     saved = {k: v.clone() for k, v in model.state_dict().items()}  # the check's training pass moves BN statistics
     rng = torch.get_rng_state(), torch.cuda.get_rng_state(env.device) if env.device.type == "cuda" else None
-    layout = contextlib.nullcontext() if env.memory_format == torch.channels_last else inductor_keeps_nchw()
+    layout = contextlib.nullcontext()
+    if env.memory_format != torch.channels_last:  # NCHW asked for: Inductor keeps the convs in it
+        from torch._inductor import config as inductor  # here, not at the top: it loads Dynamo (2 s)
+
+        layout = inductor.patch(layout_optimization=False)
     try:
         with layout:  # both graphs are compiled here, at their first call
             fast = (compiler or torch.compile)(model, mode=mode, dynamic=False)
