@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines import MEAN, STD, Augment, load_cifar10, make_loader, synthetic_cifar
-from pipelines.dali import draw_augment
+from pipelines.augment import draw_augment
 from pipelines.data import data_format, pixels
 
 from .timing import endless, measure

@@ -1,7 +1,8 @@
 """CIFAR-10 data: `load_cifar10` (files -> arrays) and `make_loader` (arrays -> DALI batches).
 
-The DALI half (`make_loader`, `Augment`) is imported when first asked for: it brings torch and
-DALI (seconds), which `make data` and the file readers do not need."""
+The DALI half (`make_loader`) is imported when first asked for: it brings torch and DALI
+(seconds), which `make data`, the file readers and the configuration do not need."""
+from .augment import Augment
 from .data import CLASSES, MEAN, SIZE, STD, DataError, load_cifar10, subset, synthetic_cifar
 
 __all__ = ["Augment", "make_loader", "load_cifar10", "DataError", "CLASSES", "MEAN", "STD", "SIZE", "subset",
@@ -9,7 +10,7 @@ __all__ = ["Augment", "make_loader", "load_cifar10", "DataError", "CLASSES", "ME
 
 
 def __getattr__(name):
-    if name in ("Augment", "make_loader"):
+    if name == "make_loader":
         from . import dali
 
         return getattr(dali, name)

@@ -12,7 +12,8 @@ import sys
 
 import numpy as np
 
-from .dali import Augment, make_loader
+from .augment import Augment
+from .dali import make_loader
 from .data import CLASSES, MEAN, STD, DataError, load_cifar10
 
 HEADER = 24  # px: the strip with the column titles, one line high

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from pipelines.data import BINARY, CLASSES, PYTHON, synthetic_cifar
@@ -25,9 +24,15 @@ SHARED_JPEG = Path(os.environ.get("CIFAR10_JPEG", ROOT.parent / "shared" / "data
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one; `make gpu-check` runs them)")
+    config.addinivalue_line("markers", "long: takes tens of seconds; started first, so the suite does not end on it")
 
 
 def pytest_collection_modifyitems(config, items):
+    # Longest first: pytest-xdist hands out tests in this order (after the shared-run groups), and a long test
+    # started last leaves the other workers idle while it runs.
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+    import torch  # here, not at the top: pytest-xdist's controller loads this file too, and never runs a test
+
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")

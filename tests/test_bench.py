@@ -32,6 +32,7 @@ def rejecting_compile_check(model, env, **kwargs):
     return CompileCheck(model, compiled=False, note="the compiled model disagrees with eager; training eager")
 
 
+@pytest.mark.long
 def test_quick_cpu_bench_writes_every_figure(tmp_path, monkeypatch, capsys):
     # One more variant, compiled: its compile check rejects it, and the bench goes on with it eager.
     variants = {**bench.model_variants("cpu"), "compiled fp32 channels_last": (torch.float32, True, True)}

@@ -34,6 +34,37 @@ def test_nothing_imports_the_train_script():
             assert "train" not in set(imported_packages(path)), f"{path} imports train.py"
 
 
+def loaded_on_import(module):
+    """Every module that importing `module` loads, following the project's own files through their
+    top-level imports (an import inside a function waits until it is called, so it is not followed)."""
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # a module's packages load first
+        if name in seen:
+            continue
+        seen.add(name)
+        path = next((p for p in (ROOT.joinpath(*parts).with_suffix(".py"), ROOT.joinpath(*parts, "__init__.py"))
+                     if p.exists()), None)
+        if path is None:  # not the project's: torch, numpy, nvidia.dali, ...
+            continue
+        package = parts if path.name == "__init__.py" else parts[:-1]
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Import):
+                todo += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join((package[:len(package) - node.level + 1] if node.level else []) + [node.module or ""])
+                todo += [base.strip(".")] + [f"{base.strip('.')}.{a.name}" for a in node.names]  # names may be modules
+    return seen
+
+
+@pytest.mark.parametrize("module", ["engine.config", "engine.run", "predict", "export"])
+def test_the_configuration_and_the_scripts_that_only_read_one_load_no_dali(module):
+    assert {"pipelines.dali", "nvidia.dali"} <= loaded_on_import("train")  # the walk sees DALI where it is loaded
+    assert not {"pipelines.dali", "nvidia.dali"} & loaded_on_import(module), f"{module} loads DALI (most of a second)"
+
+
 def test_every_module_says_what_it_is_for():
     for package in BELOW:
         for path in (ROOT / package).glob("*.py"):

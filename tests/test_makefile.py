@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 NO_REGISTRY = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "", "PIP_EXTRA_INDEX_URL": "", "PIP_INDEX_URL": "http://127.0.0.1:9/"}
 
@@ -54,6 +56,7 @@ def test_a_python_with_torch_but_a_missing_dependency_asks_pip_for_that_one_only
     assert "installing what it lacks: torchsummary\n" in r.stdout, r.stdout  # that one, and nothing else
 
 
+@pytest.mark.long
 def test_train_with_seeds_runs_once_per_seed_then_prints_the_results(tmp_path):
     """`make train SEEDS=...` in the checkout itself (-o: no reinstall here), two 1-step runs."""
     r = subprocess.run(["make", "--no-print-directory", "-o", ".venv/.installed", "-o", ".deps-checked", "train",

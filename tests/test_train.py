@@ -459,6 +459,7 @@ def finish(nodes, timeout=300):
     return done
 
 
+@pytest.mark.long
 def test_two_ranks_stop_together_survive_a_dead_rank_and_resume_on_two_machines(tmp_path):
     """A run of 2 ranks (gloo), started by torchrun on one machine and stopped by SIGTERM, resumed as the
     README's two-machine commands, a rank killed there, and resumed again to the end: the world (2 ranks)
