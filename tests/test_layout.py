@@ -54,8 +54,9 @@ def loaded_on_import(module):
             if isinstance(node, ast.Import):
                 todo += [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
-                base = ".".join((package[:len(package) - node.level + 1] if node.level else []) + [node.module or ""])
-                todo += [base.strip(".")] + [f"{base.strip('.')}.{a.name}" for a in node.names]  # names may be modules
+                base = ".".join((package[:len(package) - node.level + 1] if node.level else [])
+                                + ([node.module] if node.module else []))
+                todo += [base] + [f"{base}.{a.name}" for a in node.names]  # an imported name may be a module
     return seen
 
 
