@@ -98,6 +98,9 @@ def main(argv=None):
     finally:
         if lock and not stop.armed:  # the run never started: leave no folder behind
             lock.abandon()
+        if lock:
+            lock.release()
+        stop.close()
 
 
 def run(cfg, ckpt, notes, env, stop, run_dir):

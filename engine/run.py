@@ -204,7 +204,8 @@ class RunFolderLock:
     drops the lock when the process ends, however it ends (kill -9 too), so it is never left
     stuck; the file stays (removing it would race a process about to lock it). Holding the lock,
     it clears the temporaries a killed process left mid-write. `abandon()`
-    removes the folder again if this lock made it and the run never started."""
+    removes the folder again if this lock made it and the run never started; `release()` lets go
+    (the end of the process does too)."""
 
     def __init__(self, run_dir):
         self.run_dir, self.created = Path(run_dir), not Path(run_dir).exists()
@@ -227,6 +228,9 @@ class RunFolderLock:
         if self.created and {p.name for p in self.run_dir.iterdir()} <= {".lock"}:
             (self.run_dir / ".lock").unlink(missing_ok=True)
             self.run_dir.rmdir()
+
+    def release(self):
+        os.close(self.fd)  # the lock goes with the file descriptor
 
 
 def add_run_flags(parser):
@@ -316,10 +320,10 @@ class StopSignal:
         self.before_quit = None  # called before quitting when nothing was saved (a run folder to take back)
         reader, writer = socket.socketpair()
         writer.setblocking(False)
-        signal.set_wakeup_fd(writer.fileno())  # the main thread only, as for signal.signal
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, lambda signum, frame: None)  # the watcher acts; this keeps Python's C handler in place
-        self._sockets = reader, writer  # kept alive with self
+        wakeup_fd = signal.set_wakeup_fd(writer.fileno())  # the main thread only, as for signal.signal
+        # The watcher acts; a do-nothing handler keeps Python's C handler in place.
+        handlers = {s: signal.signal(s, lambda signum, frame: None) for s in (signal.SIGINT, signal.SIGTERM)}
+        self._previous, self._writer = (wakeup_fd, handlers), writer  # the socket kept alive with self
         threading.Thread(target=self._watch, args=(reader,), daemon=True, name="stop-signal").start()
 
     @property
@@ -333,20 +337,30 @@ class StopSignal:
     def arm(self):
         self.armed = True
 
+    def close(self):
+        """Put back the handlers found at the start, and end the watcher: the process is as it was (a run
+        inside a longer-lived process, as the tests run it)."""
+        wakeup_fd, handlers = self._previous
+        signal.set_wakeup_fd(wakeup_fd)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        self._writer.close()  # the watcher reads the end of its socket, and returns
+
     def _watch(self, reader):
-        while data := reader.recv(1):  # empty once the socket is closed
-            signum = data[0]
-            if signum not in (signal.SIGINT, signal.SIGTERM):
-                continue  # another handler's signal (SIGCHLD, say) shares the socket
-            if self.armed and self.signum is None:
-                self.signum = signum
-                print("\nstopping after this step (Ctrl-C again to quit now)", file=self.out, flush=True)
-                continue
-            what = "quitting now; the last checkpoint is kept" if self.armed else "interrupted before training; nothing saved"
-            if not self.armed and self.before_quit is not None:
-                self.before_quit()
-            print(f"\n{what}", file=self.out, flush=True)
-            os._exit(128 + signum)  # from this thread: the main one may be inside a long C++ call
+        with reader:
+            while data := reader.recv(1):  # empty once close() shuts the other end
+                signum = data[0]
+                if signum not in (signal.SIGINT, signal.SIGTERM):
+                    continue  # another handler's signal (SIGCHLD, say) shares the socket
+                if self.armed and self.signum is None:
+                    self.signum = signum
+                    print("\nstopping after this step (Ctrl-C again to quit now)", file=self.out, flush=True)
+                    continue
+                what = "quitting now; the last checkpoint is kept" if self.armed else "interrupted before training; nothing saved"
+                if not self.armed and self.before_quit is not None:
+                    self.before_quit()
+                print(f"\n{what}", file=self.out, flush=True)
+                os._exit(128 + signum)  # from this thread: the main one may be inside a long C++ call
 
 
 class SaveClock:

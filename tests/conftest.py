@@ -3,12 +3,15 @@
 Every fixture holds the same pixels (seeded), so a test can check a round trip pixel-exactly.
 Tests marked `@pytest.mark.cuda` skip without CUDA; `make gpu-check` runs exactly those.
 """
+import contextlib
 import io
 import os
 import pickle
+import runpy
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -126,8 +129,60 @@ def shared_jpeg():
 
 
 # train.py run directly, as a user would: not as a child of `make test` (it words its resume hint for make)
-TRAIN_ENV = {**{k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")},
-             "PYTHONUNBUFFERED": "1"}
+MAKE_VARIABLES = ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")
+TRAIN_ENV = {**{k: v for k, v in os.environ.items() if k not in MAKE_VARIABLES}, "PYTHONUNBUFFERED": "1"}
+
+
+def train_here(*args):
+    """`python train.py ARGS` run inside this test's process, through train.py's own `__main__` block (its exit
+    code, its one-line errors); returns what subprocess.run would: returncode, stdout, stderr.
+
+    For the runs whose process boundary is not the point (signals, kills and torchrun stay subprocesses): a new
+    process would import torch, Dynamo and DALI again, about 5 CPU-seconds here, before its first step. train.py
+    leaves the process as it found it (signal handlers, its run folder's lock); this puts back the rest."""
+    import torch
+
+    made_by_make = {k: os.environ.pop(k) for k in MAKE_VARIABLES if k in os.environ}
+    argv, threads, code = sys.argv, torch.get_num_threads(), 0
+    sys.argv = ["train.py", *map(str, args)]
+    try:
+        with captured_output() as output:
+            try:
+                runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+            except SystemExit as e:
+                code = e.code
+    finally:
+        sys.argv = argv
+        torch.set_num_threads(threads)
+        os.environ.update(made_by_make)
+    return subprocess.CompletedProcess(["train.py", *map(str, args)], code, *output)
+
+
+@contextlib.contextmanager
+def captured_output():
+    """A list that holds, once the block ends, what Python and C++ (DALI, torch) wrote to stdout and to stderr,
+    each in order, as a subprocess's pipes would: two strings."""
+    files = [tempfile.TemporaryFile("w+", encoding="utf-8") for _ in range(2)]
+    python_streams, saved_fds = (sys.stdout, sys.stderr), []
+    for stream, fd, file in zip(python_streams, (1, 2), files):
+        stream.flush()
+        saved_fds.append(os.dup(fd))
+        os.dup2(file.fileno(), fd)
+    sys.stdout, sys.stderr = (open(fd, "w", encoding="utf-8", buffering=1, closefd=False) for fd in (1, 2))
+    output = []
+    try:
+        yield output
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        sys.stdout, sys.stderr = python_streams
+        for fd, saved in zip((1, 2), saved_fds):
+            os.dup2(saved, fd)
+            os.close(saved)
+        for file in files:
+            with file:
+                file.seek(0)
+                output.append(file.read())
 
 
 @pytest.fixture(scope="session")
@@ -139,10 +194,8 @@ def short_run(tmp_path_factory):
     channels_last. Tests that use it are marked xdist_group("short"), so one worker makes it once."""
     tmp = tmp_path_factory.mktemp("short")
     tree = write_image_tree(tmp / "jpeg", fmt="jpg")
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", str(tree), "--source", "encoded", "--device",
-                        "cpu", "--limit-train", "32", "--limit-test", "20", "--batch-size", "8", "--eval-batch-size", "20",
-                        "--epochs", "5", "--max-steps", "3", "--ema", "0.9", "--tta", "--no-channels-last", "--runs", str(tmp),
-                        "--name", "short"],
-                       capture_output=True, text=True, cwd=ROOT, env=TRAIN_ENV, timeout=600)
+    r = train_here("--data", tree, "--source", "encoded", "--device", "cpu", "--limit-train", "32", "--limit-test", "20",
+                   "--batch-size", "8", "--eval-batch-size", "20", "--epochs", "5", "--max-steps", "3", "--ema", "0.9",
+                   "--tta", "--no-channels-last", "--runs", tmp, "--name", "short")
     assert r.returncode == 0, r.stderr[-3000:]
     return tmp / "short", r.stdout

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -107,11 +108,12 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path, content, message):
 
 # --- Ctrl-C and SIGTERM -------------------------------------------------------------------------------------
 
-def test_first_signal_asks_to_stop_and_says_so():
-    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    out = io.StringIO()
+def test_first_signal_asks_to_stop_and_says_so_and_close_leaves_the_process_as_it_was():
+    handlers = lambda: {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # noqa: E731
+    before, threads, out = handlers(), set(threading.enumerate()), io.StringIO()
+    stop = StopSignal(out=out)
+    (watcher,) = set(threading.enumerate()) - threads
     try:
-        stop = StopSignal(out=out)
         stop.arm()
         os.kill(os.getpid(), signal.SIGINT)
         deadline = time.monotonic() + 10
@@ -120,9 +122,10 @@ def test_first_signal_asks_to_stop_and_says_so():
         assert stop.requested and stop.exit_code == 130
         assert "stopping after this step (Ctrl-C again to quit now)" in out.getvalue()
     finally:
-        signal.set_wakeup_fd(-1)
-        for s, handler in old.items():
-            signal.signal(s, handler)
+        stop.close()
+    assert handlers() == before and signal.set_wakeup_fd(-1) == -1  # as train.py found them (run in-process by tests)
+    watcher.join(timeout=10)
+    assert watcher.name == "stop-signal" and not watcher.is_alive()
 
 
 WATCHED = """

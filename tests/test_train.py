@@ -1,11 +1,14 @@
-"""train.py as a user runs it: a subprocess on CPU, on the tiny generated `--smoke` dataset.
+"""train.py as a user runs it, on CPU, on the tiny generated `--smoke` dataset: whole runs and the files
+they leave, stops and resumes, exit codes, torchrun.
 
-Only what needs the process boundary runs here: a whole run and the files it leaves, signals,
-exit codes, resume across processes, torchrun. Each subprocess costs seconds of start-up and
-every step about a second on a CPU, so the tests share runs: one that learns (`learned`, read by
-many tests) and one short run on encoded images (`short_run`, in conftest.py); the tests of each
-run stay on one pytest-xdist worker (`xdist_group`), where the run is made once. The engine's parts are tested
-in-process beside their modules (tests/test_config.py, test_loop.py, test_run.py, ...).
+A run is a subprocess (`train`, `start`) where the process boundary is the point: signals, kills, a
+second process on a busy folder, torchrun, and one run for each way train.py exits. Every other run
+goes through train.py's own `__main__` inside the test's process (`train_here`, in conftest.py): a new
+process costs about 5 CPU-seconds of start-up here. Every step costs about a second on a CPU, so the
+tests share runs: one that learns (`learned`, read by many tests) and one short run on encoded images
+(`short_run`, in conftest.py); the tests of each run stay on one pytest-xdist worker (`xdist_group`),
+where the run is made once. The engine's parts are tested beside their modules (tests/test_config.py,
+test_loop.py, test_run.py, ...).
 """
 import json
 import os
@@ -27,7 +30,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from conftest import TRAIN_ENV as ENV  # train.py run directly, as a user would: not as a child of `make test`
-from conftest import write_image_tree
+import net
+from conftest import train_here, write_image_tree
 from net import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +77,7 @@ def checkpoint_state(run_dir):
 def learned(tmp_path_factory):
     """One uninterrupted LEARN run (12 steps), shared by the tests that read its outputs."""
     runs = tmp_path_factory.mktemp("runs")
-    r = train(*LEARN, "--runs", runs, "--name", "learn")
+    r = train_here(*LEARN, "--runs", runs, "--name", "learn")
     assert r.returncode == 0, r.stderr[-3000:]
     return runs / "learn"
 
@@ -186,26 +190,20 @@ def test_the_start_says_what_will_run(short_run):
     assert "a short run (3 steps;" in out and "re-estimated on 32 train images" in out
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     """train.py run with a model that returns NaN from its 2nd training step on, saving after every step."""
-    poison = textwrap.dedent(f"""
-        import runpy, sys, net
-        build = net.build_model
-        def poisoned(**kwargs):
-            model, steps = build(**kwargs), []
-            forward = model.forward
-            def nan_forward(x):
-                steps.append(model.training)
-                out = forward(x)
-                return out * float("nan") if model.training and sum(steps) >= 2 else out
-            model.forward = nan_forward
-            return model
-        net.build_model = poisoned
-        sys.argv = ["train.py", *{TINY!r}, "--batch-size", "8", "--checkpoint-every", "0", "--runs", {str(tmp_path)!r},
-                    "--name", "nan"]
-        runpy.run_path({str(ROOT / "train.py")!r}, run_name="__main__")
-    """)
-    r = subprocess.run([sys.executable, "-c", poison], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)
+    def poisoned(**kwargs):
+        model, steps = build_model(**kwargs), []
+        forward = model.forward
+
+        def nan_forward(x):
+            steps.append(model.training)
+            out = forward(x)
+            return out * float("nan") if model.training and sum(steps) >= 2 else out
+        model.forward = nan_forward
+        return model
+    monkeypatch.setattr(net, "build_model", poisoned)  # train.py imports it from net when it starts
+    r = train_here(*TINY, "--batch-size", "8", "--checkpoint-every", "0", "--runs", tmp_path, "--name", "nan")
     assert r.returncode == 1 and "non-finite loss at epoch 1, step 2" in r.stderr, r.stderr[-3000:]
     ckpt = torch.load(tmp_path / "nan" / "last.pt", weights_only=True)
     assert ckpt["state"]["step"] == 1  # step 1's checkpoint, untouched
@@ -215,8 +213,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 @pytest.mark.xdist_group("short")
 def test_a_run_can_start_from_another_runs_weights(short_run, tmp_path):
     other, _ = short_run
-    r = train("--smoke", "--limit-train", "16", "--limit-test", "16", "--init-from", other, "--runs", tmp_path,
-              "--name", "tuned")  # one step
+    r = train_here("--smoke", "--limit-train", "16", "--limit-test", "16", "--init-from", other, "--runs", tmp_path,
+                   "--name", "tuned")  # one step
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"note: starting from {other}/best.pt (epoch 1, test accuracy " in r.stdout
     assert summary(tmp_path / "tuned")["config"]["init_from"] == str(other)
@@ -302,11 +300,11 @@ def test_ctrl_c_while_loading_quits_at_once_and_leaves_nothing(shared_jpeg, tmp_
 def test_a_complete_run_is_left_alone_and_raising_epochs_extends_it(learned, tmp_path):
     shutil.copytree(learned, tmp_path / "more")
     before = (tmp_path / "more" / "last.pt").read_bytes()
-    r = train("--resume", tmp_path / "more")
+    r = train_here("--resume", tmp_path / "more")
     assert r.returncode == 0 and "run already complete" in r.stdout and "raise --epochs" in r.stdout
     assert (tmp_path / "more" / "last.pt").read_bytes() == before
 
-    r = train("--resume", tmp_path / "more", "--epochs", "4")
+    r = train_here("--resume", tmp_path / "more", "--epochs", "4")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "--epochs 4 (was 3)" in r.stdout and "stretched" in r.stdout
     s = summary(tmp_path / "more")
@@ -345,7 +343,7 @@ def test_a_second_train_py_on_a_busy_run_folder_is_refused_at_once(tmp_path):
     try:
         wait_for(holder.stdout, "loading")  # the folder is locked before the data loads
         holder.send_signal(signal.SIGSTOP)  # paused where it is: it keeps the lock, and leaves the cores to the test
-        err = one_line_error(train(*TINY, "--runs", tmp_path, "--name", "busy"))
+        err = one_line_error(train_here(*TINY, "--runs", tmp_path, "--name", "busy"))
         assert f"{tmp_path / 'busy'} is in use by another train.py (pid {holder.pid} on " in err
     finally:
         holder.kill()
@@ -360,10 +358,10 @@ def test_a_resume_on_other_data_is_refused_in_one_line_unless_asked_for(short_ru
     first = sorted((other / "train" / "airplane").iterdir())[0]  # the first image: in every fingerprint's sample
     Image.new("RGB", (32, 32), (255, 0, 0)).save(first, quality=95)
     before = (tmp_path / "run" / "last.pt").read_bytes()
-    err = one_line_error(train("--resume", tmp_path / "run", "--data", other, "--max-steps", "4"))
+    err = one_line_error(train_here("--resume", tmp_path / "run", "--data", other, "--max-steps", "4"))
     assert f"--data {other} is not the data this run trained on (other images); resume with that data" in err
     assert (tmp_path / "run" / "last.pt").read_bytes() == before
-    r = train("--resume", tmp_path / "run", "--data", other, "--max-steps", "4", "--allow-other-data")
+    r = train_here("--resume", tmp_path / "run", "--data", other, "--max-steps", "4", "--allow-other-data")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "(other images): going on with it, as asked" in r.stdout and summary(tmp_path / "run")["steps"] == 4
 
@@ -376,12 +374,12 @@ def one_line_error(r):
     return r.stderr
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--smoke", "--batch-size", "0"], "--batch-size must be at least 1"),  # a flag
-    (["--data", "/etc/passwd", "--device", "cpu"], "/etc/passwd: not a tar or tar.gz archive"),  # the data
-])
-def test_bad_flags_and_data_are_one_line(flags, message, tmp_path):
-    assert message in one_line_error(train(*flags, "--runs", tmp_path))
+@pytest.mark.parametrize("run, flags, message", [
+    (train, ["--smoke", "--batch-size", "0"], "--batch-size must be at least 1"),  # a flag; exit 2 as a shell sees it
+    (train_here, ["--data", "/etc/passwd", "--device", "cpu"], "/etc/passwd: not a tar or tar.gz archive"),  # the data
+], ids=["flag", "data"])
+def test_bad_flags_and_data_are_one_line(run, flags, message, tmp_path):
+    assert message in one_line_error(run(*flags, "--runs", tmp_path))
     assert list(tmp_path.iterdir()) == []  # no run folder left behind
 
 
@@ -389,7 +387,7 @@ def test_a_bad_checkpoint_is_one_line_and_left_as_it_was(tmp_path):
     (tmp_path / "bad").mkdir()
     content = os.urandom(4096)
     (tmp_path / "bad" / "last.pt").write_bytes(content)
-    err = one_line_error(train("--resume", tmp_path / "bad"))
+    err = one_line_error(train_here("--resume", tmp_path / "bad"))
     assert "not a readable torch.save file" in err and str(tmp_path / "bad" / "last.pt") in err
     assert (tmp_path / "bad" / "last.pt").read_bytes() == content
 
