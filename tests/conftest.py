@@ -1,4 +1,5 @@
-"""Tiny CIFAR-10 copies in each official format, written by the tests themselves.
+"""Tiny CIFAR-10 copies in each official format, written by the tests themselves; train.py run inside a
+test's process (`train_here`), and the one short run that tests read after training (`short_run`).
 
 Every fixture holds the same pixels (seeded), so a test can check a round trip pixel-exactly.
 Tests marked `@pytest.mark.cuda` skip without CUDA; `make gpu-check` runs exactly those.
@@ -143,7 +144,7 @@ def train_here(*args):
     import torch
 
     made_by_make = {k: os.environ.pop(k) for k in MAKE_VARIABLES if k in os.environ}
-    argv, threads, code = sys.argv, torch.get_num_threads(), 0
+    argv, threads, code, output = sys.argv, torch.get_num_threads(), 0, ()
     sys.argv = ["train.py", *map(str, args)]
     try:
         with captured_output() as output:
@@ -151,6 +152,9 @@ def train_here(*args):
                 runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
             except SystemExit as e:
                 code = e.code
+    except BaseException:
+        sys.stderr.write("".join(output))  # what the run printed, beside the traceback in pytest's report
+        raise
     finally:
         sys.argv = argv
         torch.set_num_threads(threads)
