@@ -313,7 +313,7 @@ def test_a_complete_run_is_left_alone_and_raising_epochs_extends_it(learned, tmp
 
 def test_a_full_disk_while_saving_stops_in_one_line_and_keeps_the_last_checkpoint(tmp_path):
     """train.py with torch.save failing as on a full disk from the 2nd checkpoint on: with --checkpoint-every 0,
-    the one after step 2 of 3."""
+    the one after step 2 of 3. A subprocess: exit 1 as a shell sees it (the NaN stop exits 1 in-process)."""
     full = textwrap.dedent(f"""
         import runpy, sys, torch
         save, calls = torch.save, []
