@@ -84,23 +84,22 @@ def main(argv=None):
         print(f"run already complete: {cfg.resume} ({state['epoch']}/{cfg.epochs} epochs, {state['step']} steps); "
               f"raise --epochs (or --max-steps) to train further")
         return 0
-    stop = StopSignal()  # Ctrl-C quits at once while loading; once armed, it stops after a step
-    env = setup_env(cfg)  # 2. device, precision, ranks
-    run_dir = Path(cfg.runs) / cfg.name
-    lock = RunFolderLock(run_dir) if env.master else None  # a second process on this folder is refused here
-    stop.before_quit = lock and lock.abandon
-    try:
-        return run(cfg, ckpt, notes, env, stop, run_dir)
-    except RuntimeError as e:
-        if not env.ddp:
-            raise
-        return rank_failed(e, env, run_dir)
-    finally:
-        if lock and not stop.armed:  # the run never started: leave no folder behind
-            lock.abandon()
-        if lock:
-            lock.release()
-        stop.close()
+    with StopSignal() as stop:  # Ctrl-C quits at once while loading; once armed, it stops after a step
+        env = setup_env(cfg)  # 2. device, precision, ranks
+        run_dir = Path(cfg.runs) / cfg.name
+        lock = RunFolderLock(run_dir) if env.master else None  # a second process on this folder is refused here
+        stop.before_quit = lock and lock.abandon
+        try:
+            return run(cfg, ckpt, notes, env, stop, run_dir)
+        except RuntimeError as e:
+            if not env.ddp:
+                raise
+            return rank_failed(e, env, run_dir)
+        finally:
+            if lock and not stop.armed:  # the run never started: leave no folder behind
+                lock.abandon()
+            if lock:
+                lock.release()
 
 
 def run(cfg, ckpt, notes, env, stop, run_dir):

@@ -312,7 +312,8 @@ class StopSignal:
 
     Python runs signal handlers only between bytecodes, so a handler would wait for a long C++
     call (a 12 s backward pass on CPU) to return. The C-level handler writes every signal to a
-    wake-up socket at once, and a watcher thread acts on it from there.
+    wake-up socket at once, and a watcher thread acts on it from there. `with StopSignal() as stop:`
+    puts the process's own handling back at the end (`close()`).
     """
 
     def __init__(self, out=sys.stderr):
@@ -336,6 +337,12 @@ class StopSignal:
 
     def arm(self):
         self.armed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def close(self):
         """Put back the handlers found at the start, and end the watcher: the process is as it was (a run

@@ -9,6 +9,7 @@ import io
 import os
 import pickle
 import runpy
+import signal
 import subprocess
 import sys
 import tarfile
@@ -145,6 +146,7 @@ def train_here(*args):
 
     made_by_make = {k: os.environ.pop(k) for k in MAKE_VARIABLES if k in os.environ}
     argv, threads, code, output = sys.argv, torch.get_num_threads(), 0, ()
+    handlers = signal_handlers()
     sys.argv = ["train.py", *map(str, args)]
     try:
         with captured_output() as output:
@@ -159,7 +161,15 @@ def train_here(*args):
         sys.argv = argv
         torch.set_num_threads(threads)
         os.environ.update(made_by_make)
+    assert signal_handlers() == handlers, "train.py left its Ctrl-C handling in place"  # it is its to put back
     return subprocess.CompletedProcess(["train.py", *map(str, args)], code, *output)
+
+
+def signal_handlers():
+    """SIGINT's and SIGTERM's handlers, and the wake-up file descriptor (read by setting it, then back)."""
+    wakeup_fd = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(wakeup_fd)
+    return {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}, wakeup_fd
 
 
 @contextlib.contextmanager

@@ -108,12 +108,11 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path, content, message):
 
 # --- Ctrl-C and SIGTERM -------------------------------------------------------------------------------------
 
-def test_first_signal_asks_to_stop_and_says_so_and_close_leaves_the_process_as_it_was():
+def test_first_signal_asks_to_stop_and_says_so_and_the_process_is_left_as_it_was():
     handlers = lambda: {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # noqa: E731
     before, threads, out = handlers(), set(threading.enumerate()), io.StringIO()
-    stop = StopSignal(out=out)
-    (watcher,) = set(threading.enumerate()) - threads
-    try:
+    with StopSignal(out=out) as stop:
+        (watcher,) = set(threading.enumerate()) - threads
         stop.arm()
         os.kill(os.getpid(), signal.SIGINT)
         deadline = time.monotonic() + 10
@@ -121,8 +120,6 @@ def test_first_signal_asks_to_stop_and_says_so_and_close_leaves_the_process_as_i
             time.sleep(0.01)
         assert stop.requested and stop.exit_code == 130
         assert "stopping after this step (Ctrl-C again to quit now)" in out.getvalue()
-    finally:
-        stop.close()
     assert handlers() == before and signal.set_wakeup_fd(-1) == -1  # as train.py found them (run in-process by tests)
     watcher.join(timeout=10)
     assert watcher.name == "stop-signal" and not watcher.is_alive()
