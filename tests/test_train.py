@@ -29,8 +29,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from conftest import TRAIN_ENV as ENV  # train.py run directly, as a user would: not as a child of `make test`
 import net
+from conftest import TRAIN_ENV as ENV  # train.py run directly, as a user would: not as a child of `make test`
 from conftest import train_here, write_image_tree
 from net import build_model
 
