@@ -96,9 +96,9 @@ def main(argv=None):
                 raise
             return rank_failed(e, env, run_dir)
         finally:
-            if lock and not stop.armed:  # the run never started: leave no folder behind
-                lock.abandon()
             if lock:
+                if not stop.armed:  # the run never started: leave no folder behind
+                    lock.abandon()
                 lock.release()
 
 
