@@ -20,7 +20,7 @@ STAMP := .venv/.installed
 endif
 # import name:package, for the check of an existing Python
 DEPS := torch:torch nvidia.dali:nvidia-dali-cuda120 numpy:numpy torchsummary:torchsummary \
-        tensorboard:tensorboard tqdm:tqdm PIL:pillow pytest:pytest xdist:pytest-xdist
+        tensorboard:tensorboard tqdm:tqdm PIL:pillow pytest:pytest xdist:pytest-xdist triton:triton==3.9.0
 
 ifeq ($(shell command -v nvidia-smi 2>/dev/null),)
 TORCH ?= torch==2.13.0 --retries 0 --extra-index-url https://download.pytorch.org/whl/cpu

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from engine.config import SHORT, Config, UserError, augment, check, flag_parser, planned_steps, resolve, resumed
+from engine.convs import choose_convs
 from engine.device import CompileCheck, any_rank, assert_ranks_agree, compile_checked, exit_rank, setup_env
 from engine.log import Logger, NullLogger, plural
 from engine.loop import EMA, NonFiniteLoss, evaluate, make_optimizer, make_schedule, reestimate_batchnorm, train_epoch
@@ -120,6 +121,8 @@ def run(cfg, ckpt, notes, env, stop, run_dir):
     ema = EMA(model, cfg.ema) if cfg.ema else None  # made now: the average starts from the weights in place
     if ema and ckpt:
         ema.load_state_dict(ckpt["ema"])
+    # Each depthwise conv's implementation, before compiling: the graphs trace what each layer runs.
+    convs = choose_convs(model, env, cfg.conv_impl, batch=cfg.batch_size // env.world)
     compile_check = CompileCheck(model, compiled=False)
     if cfg.compile:  # both graphs (eval, train) built and checked here, not inside epoch 1
         compile_check = compile_checked(model, env, eval_batch=min(cfg.eval_batch_size, test_loader.shard_size),
@@ -132,7 +135,7 @@ def run(cfg, ckpt, notes, env, stop, run_dir):
             save_run(run_dir / name, model, optimizer, schedule, state, cfg, env, data, ema)
 
     stop.arm()  # from here a stop saves where it is
-    log.start(run_dir, model, schedule, steps_per_epoch, state, notes + [short], compile_check,
+    log.start(run_dir, model, schedule, steps_per_epoch, state, notes + [short] + convs.notes, compile_check, convs,
               sizes=(len(train[1]), len(test[1])))
     if not ckpt:
         picks = one_per_class(test[1], cfg.seed)

@@ -6,7 +6,8 @@
    graph: the numpy parameter draws, and an epoch's start (pipeline build, then reset);
 2. the model's train step alone on device-resident batches of the dtype and layout training
    feeds each variant (eager fp32 NCHW / channels_last, eager and compiled bf16 in NCHW and in
-   channels_last, compiled through the trainer's compile check) and inference;
+   channels_last, with torch's convs and with the project's Triton kernels, compiled through the
+   trainer's compile check, convs chosen by the trainer's `choose_convs`) and inference;
 3. end to end: `engine.loop.train_epoch`, the very loop train.py runs (recipe optimizer and
    schedule, on-device metrics, log-step syncs), over the DALI loader, and its ratio to (2);
 4. the limit: FLOPs and minimum bytes per training image against the device's measured
@@ -96,7 +97,7 @@ def run(args):
     facts["threads"] = {"torch": env.threads, "dali_end_to_end": env.dali_threads, "why": env.threads_why}
     results = {**facts, "date": datetime.date.today().isoformat(), "quick": args.quick, "data": what,
                "recipe": cfg.recipe, "complete": False, "pipeline": {}, "costs": {}, "model": {}, "compile": {},
-               "skipped": {}}
+               "convs": {}, "skipped": {}}
     out = Path(args.out)
     stem = out / f"{results['date']}-{args.device}{'-quick' if args.quick else ''}"
 
@@ -131,7 +132,7 @@ def run(args):
         results["skipped"]["Albumentations loader"] = "not installed (pip install -e '.[baseline]')"
 
     print("model ...", flush=True)
-    models = {key: prepare_model(cfg, env, key, results["compile"]) for key in model_variants(cfg.device)}
+    models = {key: prepare_model(cfg, env, key, results) for key in model_variants(cfg.device)}
     bench_model(cfg, env, models, timing, lambda key, row: record("model", key, row))
     print("end to end ...", flush=True)
     trainer_key = list(model_variants(cfg.device))[-1]  # the variant train.py runs, compile check and all

@@ -1,16 +1,20 @@
 """`make gpu-check` (`python -m bench.gpu_check --out DIR`): what a CUDA machine's few minutes are for.
 
 One command, one report (DIR/report.md, and report.json beside it), written section by section
-as each finishes, so a run that is cut short keeps what it found:
-1. versions and device;
-2. the CUDA tests (`pytest -m cuda`), which must run, not skip, cut after --tests-timeout;
-3. the DALI GPU pipeline alone: raw and encoded sources, with and without augmentation, each
-   augmentation alone, and the cost of the numpy parameter draws;
-4. the compile check as train.py runs it: graphs built, compile time, compiled and eager bf16
-   error against fp32; then the compiled train step alone;
-5. the bench (`python -m bench`), its table and files in DIR/bench/.
-Without CUDA it exits at once with one line. On one H100 (2026-11-26) section 5 alone took
-161 s; the CUDA tests have not yet run uncontended.
+as each finishes, so a run that is cut short keeps what it found. The sections, in the order they
+run (`--sections` picks some, in this order; versions always come first):
+- kernels: the project's Triton kernels against F.conv2d on every depthwise and grouped conv of
+  the model, forward and both gradients, bf16 and fp32, both layouts, at batch 512: before
+  anything is timed;
+- convs: every conv alone in each implementation, beside its memory time (`python -m bench.convs`),
+  and the profiler's top kernels over the trainer's eager steps;
+- steps: the train step alone in every bench variant (eager and compiled, channels_last and
+  NCHW, torch and Triton convs), each through the trainer's conv choice and compile check;
+- pipelines: the DALI GPU pipeline alone: raw and encoded sources, with and without
+  augmentation, each augmentation alone, and the cost of the numpy parameter draws;
+- tests: the CUDA tests (`pytest -m cuda`), which must run, not skip, cut after --tests-timeout;
+- bench: the whole bench (`python -m bench`), its table and files in DIR/bench/.
+Without CUDA it exits at once with one line. On one H100 (2026-11-26) the bench alone took 161 s.
 """
 import argparse
 import json
@@ -108,34 +112,76 @@ def pipelines(data):
     return [f"- data: {what}"] + [f"- {k}: {v:,.3f}" if v < 100 else f"- {k}: {v:,.0f}" for k, v in rows.items()], rows
 
 
-def compile_and_step():
-    from bench.model import synthetic_batches
-    from bench.timing import measure
+def trainer_setup():
+    """The default recipe's Config and Env on this GPU, as train.py resolves and sets them up."""
     from engine.config import Config, resolve
-    from engine.device import compile_checked, setup_env
-    from engine.loop import make_optimizer, train_step
-    from net import build_model
+    from engine.device import setup_env
 
     cfg = resolve(Config(device="cuda"))
-    env = setup_env(cfg)
-    model = build_model(dropout=cfg.dropout).to(env.device, memory_format=torch.channels_last)
-    check = compile_checked(model, env, eval_batch=cfg.eval_batch_size, train_batch=cfg.batch_size, mode=cfg.compile_mode)
-    optimizer, batches, i = make_optimizer(cfg, check.model), synthetic_batches("cuda", cfg.batch_size, env.dtype, True), [0]
+    return cfg, setup_env(cfg)
 
-    def step():
-        x, y = batches[i[0] % len(batches)]
-        i[0] += 1
-        train_step(check.model, optimizer, x, y, label_smoothing=cfg.label_smoothing, autocast=env.autocast)
 
-    rate = measure(step, images_per_step=cfg.batch_size, steps=50, repeats=5, warmup=10, sync=torch.cuda.synchronize)
-    data = {"compiled": check.compiled, "graphs": check.graphs, "compile_s": check.seconds, "error": check.error,
-            "eager_error": check.eager_error, "note": check.note, "train_step_img_per_s": rate["img_per_s"]}
-    lines = [f"- compiled: {check.compiled}" + (f" ({check.note})" if check.note else ""),
-             f"- graphs built: {check.graphs} (the trainer needs exactly 2), in {check.seconds:.1f} s",
-             f"- relative error against fp32 eager: compiled {check.error:.2e}, eager bf16 {check.eager_error:.2e}",
-             f"- train step alone ({'compiled' if check.compiled else 'eager'} bf16 channels_last, batch "
-             f"{cfg.batch_size}): {rate['img_per_s']:,.0f} img/s ({rate['min']:,.0f} - {rate['max']:,.0f})"]
-    return lines, data
+def kernels(batch=512):
+    """Every depthwise and grouped conv of the model, in the kernels and in F.conv2d, against fp32 F.conv2d:
+    the worst relative error over the output and both gradients, and the trainer's verdict on it."""
+    from engine.convs import check_layer
+    from net import build_model
+    from net.kernels import runs_kernels
+    from net.model import depthwise_convs
+
+    device = torch.device("cuda")
+    if not runs_kernels(device):
+        return ["- FAIL: Triton is not installed here, so the kernels cannot run"], {"ok": False}
+    rows, ok = {}, True
+    lines = ["| conv | dtype | layout | kernels' error | F.conv2d's error | verdict |", "|---|---|---|---|---|---|"]
+    for name, conv in depthwise_convs(build_model().to(device)).items():
+        for dtype in (torch.bfloat16, torch.float32):
+            for layout, fmt in (("channels_last", torch.channels_last), ("NCHW", torch.contiguous_format)):
+                error, torch_error = check_layer(conv, batch=batch, size=32, dtype=dtype, memory_format=fmt, device=device)
+                good = error <= 2 * torch_error + 1e-4  # the rule train.py applies before using a kernel
+                ok &= good
+                rows[f"{name}, {dtype}, {layout}"] = {"error": error, "torch_error": torch_error, "ok": good}
+                lines.append(f"| {name} | {str(dtype).removeprefix('torch.')} | {layout} | {error:.2e} | {torch_error:.2e} | "
+                             f"{'ok' if good else 'FAIL'} |")
+    return [f"- {'PASS' if ok else 'FAIL'}: batch {batch}, 32x32; each error the worst of output, input gradient and "
+            f"weight gradient, relative to the largest fp32 value", ""] + lines, {"ok": ok, "rows": rows}
+
+
+def conv_breakdown():
+    """`python -m bench.convs` on this GPU: each conv in each implementation, then the trainer's top kernels."""
+    from bench.convs import conv_rows, conv_table, copy_bandwidth, top_kernels
+
+    cfg, env = trainer_setup()
+    timing = dict(steps=10, repeats=5, warmup=3, sync=torch.cuda.synchronize)
+    bandwidth = copy_bandwidth(env.device, timing)
+    rows = conv_rows(env.device, env.dtype, cfg.batch_size, timing, bandwidth)
+    lines = [f"batch {cfg.batch_size}, {env.dtype}; ms (median of 5), in brackets the share the conv's memory traffic "
+             f"needs at {bandwidth / 1e9:,.0f} GB/s", "", "Forward + backward:", "", conv_table(rows, 1), "",
+             "Forward:", "", conv_table(rows, 0), "", f"Top kernels, 5 eager train steps ({env.precision_and_layout}, "
+             f"--conv-impl {cfg.conv_impl}):", "", "```", top_kernels(cfg, env), "```"]
+    return lines, {"bandwidth": bandwidth, "rows": rows}
+
+
+def steps():
+    """The train step alone in every bench variant, each through the trainer's conv choice and compile check."""
+    from bench.model import bench_model, model_variants, prepare_model
+    from bench.report import figure
+
+    cfg, env = trainer_setup()
+    results = {"convs": {}, "compile": {}, "model": {}}
+    t0 = time.perf_counter()
+    models = {key: prepare_model(cfg, env, key, results) for key in model_variants("cuda")}
+    timing = dict(steps=50, repeats=5, warmup=10, sync=torch.cuda.synchronize)
+    bench_model(cfg, env, models, timing, lambda key, row: results["model"].__setitem__(key, row))
+    lines = ["| variant | img/s (median) | min - max |", "|---|---|---|"]
+    lines += [f"| {key} | {figure(r['img_per_s'])} | {figure(r['min'])} - {figure(r['max'])} |"
+              for key, r in results["model"].items()]
+    lines += [""] + [f"- compile ({key}): " + (f"{c['graphs']} graphs in {c['seconds']:.1f} s, error against fp32 "
+                                               f"{c['error']:.2e} (eager {c['eager_error']:.2e})" if c["compiled"] else c["note"])
+                     for key, c in results["compile"].items()]
+    lines += [f"- convs ({key}): {c['line']}" for key, c in results["convs"].items() if c["ms"] or c["notes"]]
+    lines.append(f"- batch {cfg.batch_size}; {time.perf_counter() - t0:.0f} s for the section, compiles included")
+    return lines, results
 
 
 def bench(out, data):
@@ -147,29 +193,44 @@ def bench(out, data):
     return [f"- exit {r.returncode}; log: bench.log", ""] + lines, {"exit": r.returncode}
 
 
+SECTIONS = ("kernels", "convs", "steps", "pipelines", "tests", "bench")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="gpu-check", help="folder for the report (default: gpu-check)")
     parser.add_argument("--data", default=str(SHARED_JPEG) if SHARED_JPEG.exists() else "data",
                         help="CIFAR-10 for the tests, pipelines and bench: the JPEG copy (default: ../shared/data's, "
                              "else data/; on a GPU box from device-pack, /tmp/dc/x/cifar10-jpeg.tar.gz)")
-    parser.add_argument("--skip-bench", action="store_true", help="stop after section 4")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"which sections, comma-separated, run in this order: {', '.join(SECTIONS)} (default: all)")
+    parser.add_argument("--skip-bench", action="store_true", help="every section but the bench")
     parser.add_argument("--tests-timeout", type=int, default=420,
                         help="seconds the CUDA tests may take before the check goes on without them (default: 420)")
     args = parser.parse_args(argv)
+    wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
+    if set(wanted) - set(SECTIONS) or not wanted:
+        parser.error(f"--sections takes some of {', '.join(SECTIONS)}, not {args.sections!r}")
+    if args.skip_bench:
+        wanted = [s for s in wanted if s != "bench"]
     if not torch.cuda.is_available():
         print(f"error: make gpu-check needs a CUDA device, and torch {torch.__version__} sees none here; run it on "
               f"a GPU machine", file=sys.stderr)
         return 2
     report, t0 = Report(args.out), time.perf_counter()
     report.section("versions", "Versions and device", *versions())
-    report.section("cuda_tests", "CUDA tests", *cuda_tests(report.out, args.data, args.tests_timeout))
-    report.section("pipelines", "DALI on the GPU, alone (batch 1024)", *pipelines(args.data))
-    report.section("compile", "Compile check and train step", *compile_and_step())
-    if not args.skip_bench:
-        report.section("bench", "Bench", *bench(report.out, args.data))
+    run = {"kernels": lambda: report.section("kernels", "Triton kernels against F.conv2d", *kernels()),
+           "convs": lambda: report.section("convs", "Each conv alone, each implementation", *conv_breakdown()),
+           "steps": lambda: report.section("steps", "Train step alone, every variant", *steps()),
+           "pipelines": lambda: report.section("pipelines", "DALI on the GPU, alone (batch 1024)", *pipelines(args.data)),
+           "tests": lambda: report.section("cuda_tests", "CUDA tests", *cuda_tests(report.out, args.data, args.tests_timeout)),
+           "bench": lambda: report.section("bench", "Bench", *bench(report.out, args.data))}
+    for name in SECTIONS:
+        if name in wanted:
+            run[name]()
     print(f"gpu-check done in {time.perf_counter() - t0:.0f} s: {report.out / 'report.md'}")
-    return 0 if report.data["cuda_tests"]["ok"] else 1
+    failed = [k for k in ("kernels", "cuda_tests") if k in report.data and not report.data[k]["ok"]]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

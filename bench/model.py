@@ -1,13 +1,15 @@
-"""Bench rows for the model: its train step alone in each variant (dtype, layout, compiled), on
-device-resident batches, and inference; end to end (`engine.loop.train_epoch`, the very loop
+"""Bench rows for the model: its train step alone in each variant (dtype, layout, compiled, conv
+implementation), on device-resident batches, and inference; end to end (`engine.loop.train_epoch`, the very loop
 train.py runs, over the DALI loader); and the limit the device allows (FLOPs and bytes per image
 against its measured matmul rate and copy bandwidth)."""
 import contextlib
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 
 from engine.config import augment
+from engine.convs import choose_convs
 from engine.device import compile_checked
 from engine.loop import make_optimizer, make_schedule, train_epoch, train_step
 from net import build_model, count_macs
@@ -17,37 +19,53 @@ from pipelines import make_loader
 from .timing import measure
 
 
+@dataclass(frozen=True)
+class Variant:
+    """How one model row runs: the batches' dtype and layout, compiled or not, and `--conv-impl`."""
+    dtype: torch.dtype
+    channels_last: bool
+    compiled: bool
+    convs: str = "torch"
+
+
 def model_variants(device):
-    """{key: (dtype, channels_last, compiled)} for this device; the last is what train.py runs there.
-
-    Each variant gets the inputs training would feed it: the dtype and memory layout of its name.
-    """
+    """{key: Variant} for this device; the last is what train.py runs there (its convs chosen as
+    `--conv-impl auto` chooses them, at start, by timing both). Each variant gets the inputs
+    training would feed it: the dtype and memory layout of its name."""
+    fp32, bf16 = torch.float32, torch.bfloat16
     if device == "cuda":
-        # bf16 in both layouts: on an H100 (2026-11-26) cuDNN's grouped and depthwise dilated
-        # convs ran 1.8-2.5x slower in channels_last than in NCHW (forward + backward).
-        return {"eager fp32 NCHW": (torch.float32, False, False),
-                "eager bf16 NCHW": (torch.bfloat16, False, False),
-                "eager bf16 channels_last": (torch.bfloat16, True, False),
-                "compiled bf16 NCHW": (torch.bfloat16, False, True),  # --no-channels-last: Inductor kept to NCHW
-                "compiled bf16 channels_last": (torch.bfloat16, True, True)}
-    return {"eager fp32 NCHW": (torch.float32, False, False), "eager fp32 channels_last": (torch.float32, True, False)}
+        # Both layouts, both conv implementations: on an H100 (2026-11-26) cuDNN's grouped and depthwise
+        # dilated convs ran 1.8-2.5x slower forward + backward in channels_last than in NCHW.
+        return {"eager fp32 NCHW": Variant(fp32, False, False),
+                "eager bf16 NCHW": Variant(bf16, False, False),
+                "eager bf16 channels_last": Variant(bf16, True, False),
+                "eager bf16 NCHW, triton convs": Variant(bf16, False, False, "triton"),
+                "eager bf16 channels_last, triton convs": Variant(bf16, True, False, "triton"),
+                "compiled bf16 NCHW": Variant(bf16, False, True),  # --no-channels-last: Inductor kept to NCHW
+                "compiled bf16 channels_last": Variant(bf16, True, True),
+                "compiled bf16 NCHW, triton convs": Variant(bf16, False, True, "triton"),
+                "compiled bf16 channels_last, auto convs": Variant(bf16, True, True, "auto")}
+    return {"eager fp32 NCHW": Variant(fp32, False, False), "eager fp32 channels_last": Variant(fp32, True, False, "auto")}
 
 
-def prepare_model(cfg, env, key, notes):
-    """(model, Env) for one variant, on the training Env's device settings. The compiled variant
-    goes through the trainer's compile check (once per bench: its graphs serve every later use);
-    a rejected compile is timed eager, and `notes` says so under the variant's key."""
-    dtype, channels_last, compiled = model_variants(cfg.device)[key]
-    variant_env = dataclasses.replace(env, dtype=dtype, autocast=env.autocast if dtype == torch.bfloat16
+def prepare_model(cfg, env, key, results):
+    """(model, Env) for one variant, on the training Env's device settings: its convs chosen by the
+    trainer's `choose_convs` (their choice in results["convs"]), then, compiled, through the trainer's
+    compile check (once per bench: its graphs serve every later use; results["compile"] has its
+    verdict, and a rejected compile is timed eager)."""
+    v = model_variants(cfg.device)[key]
+    variant_env = dataclasses.replace(env, dtype=v.dtype, autocast=env.autocast if v.dtype == torch.bfloat16
                                       else contextlib.nullcontext,
-                                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+                                      memory_format=torch.channels_last if v.channels_last else torch.contiguous_format)
     torch.manual_seed(cfg.seed)
     model = build_model(dropout=cfg.dropout).to(cfg.device, memory_format=variant_env.memory_format)
-    if compiled:
+    choice = choose_convs(model, variant_env, v.convs, batch=cfg.batch_size)
+    results["convs"][key] = {"line": choice.line(), "impl": choice.impl, "ms": choice.ms, "notes": choice.notes}
+    if v.compiled:
         check = compile_checked(model, variant_env, eval_batch=cfg.batch_size, train_batch=cfg.batch_size,
                                 mode=cfg.compile_mode)
-        notes[key] = {"compiled": check.compiled, "graphs": check.graphs, "seconds": check.seconds,
-                      "error": check.error, "eager_error": check.eager_error, "note": check.note}
+        results["compile"][key] = {"compiled": check.compiled, "graphs": check.graphs, "seconds": check.seconds,
+                                   "error": check.error, "eager_error": check.eager_error, "note": check.note}
         model = check.model
     return model, variant_env
 
@@ -61,10 +79,10 @@ def synthetic_batches(device, batch, dtype, channels_last, k=4):
 
 def bench_model(cfg, env, models, timing, record):
     """Train step of every variant, then inference of the last (train.py's); `record(key, row)` each as measured."""
-    for key, (dtype, channels_last, _) in model_variants(cfg.device).items():
+    for key, v in model_variants(cfg.device).items():
         model, variant_env = models[key]
         optimizer = make_optimizer(cfg, model)
-        batches, i = synthetic_batches(cfg.device, cfg.batch_size, dtype, channels_last), [0]
+        batches, i = synthetic_batches(cfg.device, cfg.batch_size, v.dtype, v.channels_last), [0]
 
         def step():
             x, y = batches[i[0] % len(batches)]

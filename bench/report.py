@@ -53,6 +53,9 @@ def table(results):
         if what.startswith("epoch start"):
             lines.append(f"- {what}: {c['build_ms']:.1f} ms to build the pipeline (first epoch), {c['reset_ms']:.1f} ms "
                          f"to reset it (every later epoch), to the first batch of {c['batch']}")
+    for key, c in results.get("convs", {}).items():
+        if set(c["impl"].values()) != {"torch"} or c["ms"]:
+            lines.append(f"- convs ({key}): {c['line']}" + "".join(f"; {note}" for note in c["notes"]))
     for key, c in results["compile"].items():
         lines.append(f"- compile check ({key}): " + (
             f"{c['graphs']} graphs in {c['seconds']:.1f} s; relative error against fp32 eager {c['error']:.2e} "

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from net.kernels import HAVE_TRITON, runs_kernels
 from pipelines import Augment
 from pipelines.data import SPLITS
 
@@ -81,6 +82,11 @@ class Config:
     channels_last: bool = field(default=True, metadata={
         "help": "the model and its batches in channels_last memory (--no-channels-last: NCHW, faster for this "
                 "model's convs on an H100: see README)"})
+    conv_impl: str = field(default="auto", metadata={
+        "choices": ["auto", "triton", "torch"],
+        "help": "what runs the depthwise and grouped convs: torch (F.conv2d), triton (the project's kernels, "
+                "net/kernels.py; CUDA), or auto: both checked and timed per layer at start, the faster kept "
+                "(torch where the kernels cannot run)"})
     threads: int = field(default=None, metadata={"help": "torch's CPU threads (default on CPU: the cores idle at start)"})
     bn_reestimate: int = field(default=None, metadata={
         "help": "re-estimate BatchNorm statistics on this many train images before each evaluation, 0 to never "
@@ -163,6 +169,10 @@ def check(cfg):
         raise UserError(f"--batch-size {cfg.batch_size} does not split evenly over {world} ranks")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but CUDA is not available; use --device cpu")
+    if cfg.conv_impl == "triton" and not runs_kernels(torch.device(cfg.device)):
+        why = ("the Triton kernels run on CUDA (on a CPU only under TRITON_INTERPRET=1, for tests)" if HAVE_TRITON
+               else "Triton is not installed (pip install triton)")
+        raise UserError(f"--conv-impl triton: {why}; use --conv-impl auto or torch")
     if not cfg.smoke and not Path(cfg.data).exists():
         raise UserError(f"--data {cfg.data} does not exist; run `make data` (or `make data SRC=/path/to/copy`)")
     if cfg.limit_train is not None and cfg.limit_train < cfg.batch_size:  # known now: say it before a long load
@@ -183,8 +193,8 @@ def check(cfg):
 
 
 # What a resumed run may change: how long it goes on, and how (not what) it computes.
-RESUME_MAY_CHANGE = ("epochs", "max_steps", "log_every", "device", "compile", "compile_mode", "channels_last", "threads",
-                     "checkpoint_every", "data", "allow_other_data", "tta")  # data: a moved copy, checked by fingerprint
+RESUME_MAY_CHANGE = ("epochs", "max_steps", "log_every", "device", "compile", "compile_mode", "channels_last", "conv_impl",
+                     "threads", "checkpoint_every", "data", "allow_other_data", "tta")  # data: a moved copy, checked by fingerprint
 
 
 def resumed(saved, given, run_dir):

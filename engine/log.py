@@ -34,7 +34,7 @@ class Logger:
         print("config:", json.dumps(dataclasses.asdict(cfg)))
         print(f"loading {'generated --smoke data' if cfg.smoke else cfg.data} ...", flush=True)
 
-    def start(self, run_dir, model, schedule, steps_per_epoch, state, notes, check, sizes):
+    def start(self, run_dir, model, schedule, steps_per_epoch, state, notes, check, convs, sizes):
         """Once data, model and compile are ready: the run folder's writer, the facts, the bar."""
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
@@ -43,13 +43,15 @@ class Logger:
         self.run_dir, self.total, self.logs = run_dir, schedule.total, 0
         self.facts = {**run_facts(env), "params": count_params(model), "compiled": check.compiled,
                       "compile_s": check.seconds, "compile_graphs": check.graphs, "compile_error": check.error,
-                      "eager_error": check.eager_error, "train_images": sizes[0], "test_images": sizes[1]}
+                      "eager_error": check.eager_error, "convs": convs.impl, "conv_errors": convs.errors,
+                      "conv_ms": convs.ms, "train_images": sizes[0], "test_images": sizes[1]}
         self.memory = train_memory_bytes(model, cfg.batch_size // env.world)
         self.writer = SummaryWriter(run_dir, flush_secs=10)  # curves show up while the first epoch runs
         print(f"device: {self.facts['device']} x {env.world}, {env.precision_and_layout}, params {self.facts['params']:,}, "
               f"{steps_per_epoch} steps/epoch of {cfg.batch_size}, {self.total} steps in all"
               + (f", compiled {check.graphs} graphs in {check.seconds:.0f} s (error against fp32 {check.error:.1e}, "
                  f"eager bf16 {check.eager_error:.1e})" if check.compiled else ""))
+        print(f"convs: {convs.line()}")
         print(f"threads: torch {env.threads}, DALI {env.dali_threads} ({env.threads_why})")
         print(f"augmentation: {augment(cfg).describe()}")
         for note in notes + [check.note, schedule.note]:
@@ -132,9 +134,9 @@ class Logger:
         values), not extra single-point charts; what is not a number is text there ("true", "none")."""
         from torch.utils.tensorboard.summary import hparams
 
-        settings = {**dataclasses.asdict(self.cfg), "compiled": self.facts["compiled"]}
-        settings = {k: v if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v).lower()
-                    for k, v in settings.items()}
+        settings = {**dataclasses.asdict(self.cfg), "compiled": self.facts["compiled"],
+                    "convs": " ".join(f"{name}={impl}" for name, impl in self.facts["convs"].items())}
+        settings = {k: str(v).lower() if v is None or isinstance(v, bool) else v for k, v in settings.items()}
         for summary in hparams(settings, {"accuracy/test": None, "accuracy/best_test": None}):
             self.writer.file_writer.add_summary(summary)
 

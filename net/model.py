@@ -3,17 +3,36 @@
 Every map stays 32x32 (stride 1 everywhere, padding = dilation): the receptive field grows
 through dilation alone, 1 + 2 * (1+2+2+3+3+4+4+5) = 49 pixels, wider than the 32-pixel image.
 Depthwise and grouped 3x3 convs keep the parameter count near 133k; the 1x1 pointwise convs
-mix channels.
+mix channels. Those seven depthwise and grouped convs can run on the project's own Triton
+kernels (`DepthwiseConv2d.impl`, set by the trainer: net/kernels.py says why).
 """
 import torch
 from torch import nn
+
+from .kernels import dwconv
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """A 3x3 conv with one input channel per group (depthwise, or grouped C -> 2C), padding = dilation.
+
+    nn.Conv2d's parameters and state_dict, unchanged; `impl` says what runs it: "torch" (F.conv2d:
+    cuDNN or PyTorch's own kernel; the default, and what export and the CPU use) or "triton"
+    (`net.kernels.dwconv`, which itself falls back to F.conv2d where Triton cannot run)."""
+
+    impl = "torch"
+
+    def forward(self, x):
+        if self.impl == "triton":
+            return dwconv(x, self.weight, self.dilation[0])
+        return super().forward(x)
 
 
 def conv_bn_relu(c_in, c_out, *, kernel=3, dilation=1, groups=1, dropout=0.1):
     """Conv (no bias: BatchNorm has one) -> BN -> ReLU -> Dropout, same spatial size out."""
     padding = dilation * (kernel - 1) // 2
+    conv = DepthwiseConv2d if groups == c_in > 1 and kernel == 3 else nn.Conv2d
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, kernel, padding=padding, dilation=dilation, groups=groups, bias=False),
+        conv(c_in, c_out, kernel, padding=padding, dilation=dilation, groups=groups, bias=False),
         nn.BatchNorm2d(c_out),
         nn.ReLU(inplace=True),
         nn.Dropout(dropout),
@@ -117,6 +136,13 @@ def train_memory_bytes(model, batch_size, dtype_bytes=4):
     and this gives 23.5 MB.
     """
     return batch_size * activation_elements(model) * 4 * dtype_bytes
+
+
+def depthwise_convs(model):
+    """{name: module} of the model's depthwise and grouped 3x3 convs, named by block: "C2.grouped",
+    "C2.depthwise", ... (C1's first conv is a plain conv, so C1 has only its depthwise one)."""
+    return {f"C{i}.{'depthwise' if m.in_channels == m.out_channels else 'grouped'}": m
+            for i, b in enumerate(model.features, 1) for layer in b for m in layer[:1] if isinstance(m, DepthwiseConv2d)}
 
 
 def block_table(model):

@@ -35,7 +35,7 @@ def rejecting_compile_check(model, env, **kwargs):
 @pytest.mark.long
 def test_quick_cpu_bench_writes_every_figure(tmp_path, monkeypatch, capsys):
     # One more variant, compiled: its compile check rejects it, and the bench goes on with it eager.
-    variants = {**bench.model_variants("cpu"), "compiled fp32 channels_last": (torch.float32, True, True)}
+    variants = {**bench.model_variants("cpu"), "compiled fp32 channels_last": bench_model.Variant(torch.float32, True, True)}
     for module in (bench, bench_model):  # the variants the bench lists, and those its model rows measure
         monkeypatch.setattr(module, "model_variants", lambda device: variants)
     monkeypatch.setattr(bench_model, "compile_checked", rejecting_compile_check)
@@ -123,13 +123,20 @@ def test_quick_cuda_bench_exits_0(tmp_path):
     res = json.loads(result.read_text())
     assert res["complete"] and {"DALI raw, cuda", "plain torch, cuda"} <= set(res["pipeline"])
     assert res["compile"]["compiled bf16 channels_last"]["graphs"] == 2
+    assert res["compile"]["compiled bf16 channels_last, auto convs"]["graphs"] == 2  # the kernels' ops: no graph break
 
 
-def test_convs_times_every_conv_in_both_layouts_and_names_the_top_kernels():
+def test_convs_times_every_conv_in_each_implementation_beside_its_memory_time_and_names_the_top_kernels():
     timing = dict(steps=1, repeats=1, warmup=0, sync=lambda: None)
-    rows = convs.conv_rows(torch.device("cpu"), torch.float32, 1, timing)
-    assert len(rows) == 2 * 12 and {layout for _, layout, _, _ in rows} == {"NCHW", "channels_last"}
-    assert rows[2][0] == "1: 32->32, k3, dilation 2, groups 32"  # the first depthwise conv, NCHW first
-    assert all(0 < fwd and 0 < both for *_, fwd, both in rows)
+    rows = convs.conv_rows(torch.device("cpu"), torch.float32, 1, timing, bandwidth=1e10)
+    assert len(rows) == 12 and rows[1]["conv"] == "1: 32->32, k3, dilation 2, groups 32"  # the first depthwise conv
+    for r in rows:  # torch in both layouts; the Triton kernels only on CUDA
+        assert set(r) == {"conv", "torch channels_last", "torch NCHW", "memory_ms"}
+        assert all(0 < ms for impl in ("torch channels_last", "torch NCHW") for ms in r[impl])
+    x_bytes = 32 * 32 * 32 * 4  # C1's depthwise conv, one fp32 image: x and y the same size
+    assert rows[1]["memory_ms"] == pytest.approx((2 * x_bytes / 1e10 * 1e3, 5 * x_bytes / 1e10 * 1e3))
+    table = convs.conv_table(rows, 1)
+    assert table.splitlines()[0] == "| conv | torch channels_last ms | torch NCHW ms | memory time ms |"
+    assert "%)" in table.splitlines()[3]  # each time with the share the memory traffic needs
     cfg = bench.resolve(bench.Config(device="cpu", batch_size=2))
     assert "aten::convolution_backward" in convs.top_kernels(cfg, bench.setup_env(cfg), steps=1)

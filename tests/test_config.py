@@ -68,6 +68,14 @@ def test_each_mistake_is_one_line_naming_the_flag(fields, message, tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing created
 
 
+def test_conv_impl_triton_where_the_kernels_cannot_run_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # a CPU outside Triton's interpreter
+    with pytest.raises(UserError) as e:
+        checked(smoke=True, runs=str(tmp_path), conv_impl="triton")
+    assert str(e.value).startswith("--conv-impl triton: ") and "use --conv-impl auto or torch" in str(e.value)
+    assert checked(smoke=True, runs=str(tmp_path), conv_impl="auto").conv_impl == "auto"  # auto falls back instead
+
+
 def test_an_existing_run_is_not_overwritten(tmp_path):
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "last.pt").write_bytes(b"a run")
@@ -93,9 +101,10 @@ def saved(tmp_path):
 
 def test_a_resume_keeps_the_saved_settings_and_takes_the_longer_run(saved):
     config, run_dir = saved
-    cfg, notes = resumed(config, {"epochs": 5, "threads": 1}, run_dir)
-    assert (cfg.epochs, cfg.threads, cfg.lr, cfg.resume) == (5, 1, config["lr"], str(run_dir))
-    assert notes[:2] == ["--epochs 5 (was 3)", "--threads 1 (was None)"] and "stretched" in notes[2]
+    cfg, notes = resumed(config, {"epochs": 5, "threads": 1, "conv_impl": "torch"}, run_dir)
+    assert (cfg.epochs, cfg.threads, cfg.conv_impl, cfg.lr, cfg.resume) == (5, 1, "torch", config["lr"], str(run_dir))
+    assert notes[:3] == ["--epochs 5 (was 3)", "--threads 1 (was None)", "--conv-impl torch (was auto)"]
+    assert "stretched" in notes[3]
 
 
 @pytest.mark.parametrize("given, message", [

@@ -129,9 +129,13 @@ def test_a_compiled_training_step_that_is_not_finite_means_eager():
 
 
 @pytest.mark.cuda
-def test_compile_check_on_cuda_builds_exactly_the_two_graphs_and_accepts_inductor():
+@pytest.mark.parametrize("convs", ["torch", "triton"])
+def test_compile_check_on_cuda_builds_exactly_the_two_graphs_and_accepts_inductor(convs):
+    from engine.convs import choose_convs
+
     env = setup_env(resolve(Config(device="cuda")))
     model = build_model().to(env.device, memory_format=torch.channels_last)
+    assert set(choose_convs(model, env, convs, batch=512).impl.values()) == {convs}
     check = compile_checked(model, env, eval_batch=1000, train_batch=512)
     assert check.compiled, check.note
     assert check.graphs == 2 and check.error <= 2 * check.eager_error + 1e-4 and check.eager_error > 0

@@ -19,3 +19,15 @@ def test_cuda_tests_cut_short_are_a_timeout_with_their_log_kept(tmp_path):
     assert data["timed_out"] and not data["ok"]
     assert lines[0].startswith("- TIMEOUT after 0.1 s")
     assert (tmp_path / "cuda-tests.log").exists()
+
+
+def test_an_unknown_section_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        gpu_check.main(["--sections", "kernels,warp-drive"])
+    assert e.value.code == 2 and "--sections takes some of kernels, convs, steps" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_on_cuda_the_kernels_section_checks_every_layer_and_passes():
+    lines, data = gpu_check.kernels(batch=16)
+    assert data["ok"] and len(data["rows"]) == 7 * 2 * 2 and lines[0].startswith("- PASS")

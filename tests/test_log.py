@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from engine.config import SHORT_RUN, Config, resolve
+from engine.convs import ConvChoice
 from engine.device import CompileCheck, Env
 from engine.log import Logger, NullLogger, resume_command
 from engine.loop import make_optimizer, make_schedule
@@ -22,7 +23,10 @@ def started(tmp_path, capsys):
     schedule = make_schedule(cfg, make_optimizer(cfg, model), 100)
     log = Logger(cfg, env)
     log.start(tmp_path / "run", model, schedule, 100, RunState(), ["a note from the caller"],
-              CompileCheck(model, compiled=False, note="torch.compile failed (X); training eager"), sizes=(1600, 64))
+              CompileCheck(model, compiled=False, note="torch.compile failed (X); training eager"),
+              ConvChoice(impl={"C1.depthwise": "triton", "C2.grouped": "torch"}, ms={"C1.depthwise": {"triton": 0.1, "torch": 0.8},
+                                                                                     "C2.grouped": {"triton": 2.0, "torch": 1.5}},
+                         why="--conv-impl auto, timed"), sizes=(1600, 64))
     yield log, capsys.readouterr().out
     log.bar.close()
     log.writer.close()
@@ -34,6 +38,7 @@ def test_the_start_prints_the_config_and_what_will_run(started):
     assert lines[0].startswith("config: {") and '"cutout_p": 0.0' in lines[0]
     assert "device: cpu x 1, fp32 channels_last, params 133,322, 100 steps/epoch of 16, 200 steps in all" in out
     assert "threads: torch 2, DALI 1 (2 cores, 2 idle at start)" in out
+    assert "convs: C1.depthwise triton 0.10/0.80 ms, C2.grouped torch 2.00/1.50 ms (--conv-impl auto, timed)" in out
     assert "augmentation: flip p=0.5, shift-scale-rotate p=0.5 (shift 2 px, scale 1\u00b10.1, rotate \u00b115\u00b0)\n" in out
     assert "note: a note from the caller" in out and "note: torch.compile failed (X); training eager" in out
     assert "training 2 epochs, 200 steps; run folder" in out

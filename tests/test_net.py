@@ -8,7 +8,7 @@ from torch import nn
 
 from net import build_model, count_macs, count_params, receptive_field
 from net.__main__ import main as net_cli
-from net.model import activation_elements, block_table, train_memory_bytes
+from net.model import DepthwiseConv2d, activation_elements, block_table, depthwise_convs, train_memory_bytes
 
 
 def test_parameters_under_budget():
@@ -106,3 +106,13 @@ def test_training_memory_estimate_scales_with_the_batch():
     assert activation_elements(model) == 32 * 32 * 3 * (32 + 64 + 128 + 256)
     assert train_memory_bytes(model, 512) == 4 * train_memory_bytes(model, 128)
     assert 20e6 < train_memory_bytes(model, 1) < 30e6  # calibrated on CPU fp32: about 23 MB an image
+
+
+def test_the_depthwise_and_grouped_convs_are_conv2ds_run_by_torch_unless_told():
+    model = build_model()
+    convs = depthwise_convs(model)
+    assert list(convs) == ["C1.depthwise", "C2.grouped", "C2.depthwise", "C3.grouped", "C3.depthwise", "C4.grouped",
+                           "C4.depthwise"]
+    assert [m for m in model.modules() if isinstance(m, DepthwiseConv2d)] == list(convs.values())
+    assert all(isinstance(m, nn.Conv2d) and m.impl == "torch" and m.groups == m.in_channels for m in convs.values())
+    assert [m.out_channels // m.in_channels for m in convs.values()] == [1, 2, 1, 2, 1, 2, 1]

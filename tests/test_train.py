@@ -97,8 +97,9 @@ def test_summary_has_every_field(learned):
     s = summary(learned)
     for key in ("config", "device", "torch", "dali", "params", "best_acc", "final_acc", "epochs_run", "wall_s",
                 "mean_train_img_per_s", "target_acc", "epoch_to_target", "wall_s_to_target", "history", "commit",
-                "compiled", "compile_s", "complete", "steps", "train_images", "test_images"):
+                "compiled", "compile_s", "complete", "steps", "train_images", "test_images", "convs"):
         assert key in s, key
+    assert set(s["convs"].values()) == {"torch"} and len(s["convs"]) == 7  # --conv-impl auto on a CPU
     assert s["epochs_run"] == 3 and s["steps"] == 12 and s["params"] == 133_322 and s["device"] == "cpu"
     assert s["complete"] and s["compiled"] is False and s["compile_s"] is None
     assert (s["train_images"], s["test_images"]) == (32, 16)
@@ -152,6 +153,7 @@ def test_hparams_record_what_ran(learned):
             assert hp["device"].string_value == "cpu"  # resolved, not the unset default
             assert hp["compile"].string_value == "false" and hp["batch_size"].number_value == 8  # text, not 0.0000
             assert hp["max_steps"].string_value == "none" and hp["cutout_p"].number_value == 0.5
+            assert hp["conv_impl"].string_value == "auto" and "C4.depthwise=torch" in hp["convs"].string_value
             return
     pytest.fail("no hparams session in the events")
 
@@ -187,6 +189,7 @@ def test_the_start_says_what_will_run(short_run):
     assert "4 steps/epoch of 8, 3 steps in all" in out and "training 1 epoch, 3 steps;" in out
     assert "threads: torch " in out and "augmentation: flip p=0.5, shift-scale-rotate p=0.5" in out
     assert "device: cpu x 1, fp32 NCHW, params" in out  # --no-channels-last
+    assert "convs: torch for all 7 depthwise and grouped convs (--conv-impl auto: the kernels are timed on CUDA only)" in out
     assert "a short run (3 steps;" in out and "re-estimated on 32 train images" in out
 
 

@@ -1,0 +1,126 @@
+"""Which implementation runs each depthwise conv (`--conv-impl`): decided once, at start, on the run's shapes.
+
+- "torch": F.conv2d everywhere (cuDNN in channels_last, PyTorch's own kernel in NCHW);
+- "triton": the project's kernels (net/kernels.py) on every depthwise and grouped conv, each first
+  checked against F.conv2d; one that disagrees falls back to torch, with a note;
+- "auto": checked likewise, then both timed forward + backward per layer, and the faster kept:
+  cuDNN's autotuner, across implementations. On CUDA only: elsewhere, torch.
+
+`choose_convs` sets each layer's `DepthwiseConv2d.impl` and returns what it chose, for the start
+line, summary.json and TensorBoard's hparams. The bench and gpu-check call the same functions.
+"""
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from net.kernels import HAVE_TRITON, dwconv, dwconv_op, dwconv_reference, runs_kernels
+from net.model import depthwise_convs
+
+from .device import relative_error
+
+IMPLEMENTATIONS = {"triton": dwconv, "torch": dwconv_reference}  # (x, weight, dilation) -> y
+# Where auto times the kernels: on a CPU they run only in Triton's interpreter (for tests), which would
+# take minutes to lose to F.conv2d.
+AUTO_DEVICES = ("cuda",)
+
+
+@dataclass
+class ConvChoice:
+    """What `choose_convs` decided: per layer, the implementation and why."""
+    impl: dict = field(default_factory=dict)  # layer name -> "triton" or "torch"
+    errors: dict = field(default_factory=dict)  # layer name -> the kernels' worst relative error against fp32 / F.conv2d's
+    ms: dict = field(default_factory=dict)  # layer name -> {"triton": ms, "torch": ms}, forward + backward (auto only)
+    notes: list = field(default_factory=list)  # fallbacks, one line each
+    why: str = ""  # how the choice was made, for the start line
+
+    def line(self):
+        """One line for the start of a run: each layer's implementation, and the times that chose it."""
+        impls = set(self.impl.values())
+        if len(impls) == 1 and not self.ms:
+            return f"{impls.pop()} for all {len(self.impl)} depthwise and grouped convs ({self.why})"
+
+        def one(name):
+            t = self.ms.get(name)
+            return f"{name} {self.impl[name]}" + (f" {t['triton']:.2f}/{t['torch']:.2f} ms" if t else "")
+        return ", ".join(one(name) for name in self.impl) + f" ({self.why})"
+
+
+def check_layer(conv, *, batch, size, dtype, memory_format, device, seed=0):
+    """(kernels' error, F.conv2d's error): each the worst, over the output and both gradients, of the
+    relative error against fp32 F.conv2d, for `conv`'s weights on random inputs of this shape."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(batch, conv.in_channels, size, size, device=device, generator=gen)
+    dy = torch.randn(batch, conv.out_channels, size, size, device=device, generator=gen)
+    weight, dilation = conv.weight.detach(), conv.dilation[0]
+
+    def run(fn, dtype):
+        xi = x.to(dtype).contiguous(memory_format=memory_format).requires_grad_()
+        wi = weight.to(dtype).requires_grad_()
+        y = fn(xi, wi, dilation)
+        return (y, *torch.autograd.grad(y, (xi, wi), dy.to(dtype).contiguous(memory_format=memory_format)))
+
+    reference = run(dwconv_reference, torch.float32)
+    kernels, torch_at_dtype = run(dwconv_op, dtype), run(dwconv_reference, dtype)
+    return (max(relative_error(a, r) for a, r in zip(kernels, reference)),
+            max(relative_error(a, r) for a, r in zip(torch_at_dtype, reference)))
+
+
+def time_layer(conv, impl, *, batch, size, dtype, memory_format, device, sync, calls=5, repeats=5):
+    """Median milliseconds of one forward + backward of `conv` run by `impl`, after a warm-up."""
+    x = torch.randn(batch, conv.in_channels, size, size, device=device, dtype=dtype)
+    x = x.contiguous(memory_format=memory_format).requires_grad_()
+    dy = torch.randn(batch, conv.out_channels, size, size, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+    weight, run = conv.weight.detach().to(dtype).requires_grad_(), IMPLEMENTATIONS[impl]
+
+    def step():
+        torch.autograd.grad(run(x, weight, conv.dilation[0]), (x, weight), dy)
+
+    step()  # compiles the kernel, lets cuDNN pick its algorithm
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            step()
+        sync()  # the queued work is part of the time
+        times.append((time.perf_counter() - t0) / calls * 1e3)
+    return statistics.median(times)
+
+
+def choose_convs(model, env, want, *, batch, size=32):
+    """Set each depthwise conv's implementation for `want` (auto, triton or torch), checked and (auto)
+    timed at `batch` images of size x size in the run's dtype and layout; returns the ConvChoice."""
+    layers = depthwise_convs(model)
+    shape = dict(batch=batch, size=size, dtype=env.dtype, memory_format=env.memory_format, device=env.device)
+    usable = runs_kernels(env.device) and (want == "triton" or want == "auto" and env.device.type in AUTO_DEVICES)
+    why = f"--conv-impl {want}"
+    if usable:
+        why += ", checked against F.conv2d" + (f", timed forward + backward at batch {batch} (triton/torch)"
+                                               if want == "auto" else "")
+    elif want == "auto":
+        why += ": Triton is not installed" if not HAVE_TRITON else ": the kernels are timed on CUDA only"
+    choice = ConvChoice(why=why)
+    for name, conv in layers.items():
+        impl = "torch"
+        if usable:
+            error, torch_error = check_layer(conv, **shape)
+            choice.errors[name] = error
+            if error > 2 * torch_error + 1e-4:  # the compile check's rule: at most twice F.conv2d's rounding
+                choice.notes.append(f"the Triton kernel disagrees with F.conv2d on {name} (relative error {error:.1e}, "
+                                    f"F.conv2d's own {torch_error:.1e}): torch there")
+            elif want == "triton":
+                impl = "triton"
+            else:
+                ms = {k: time_layer(conv, k, sync=env.sync, **shape) for k in ("triton", "torch")}
+                choice.ms[name], impl = ms, min(ms, key=ms.get)
+        choice.impl[name] = impl
+    if env.ddp:  # rank 0's choice on every rank: one model, whatever each rank's timings said
+        shared = [choice]
+        dist.broadcast_object_list(shared, src=0)
+        choice = shared[0]
+    for name, conv in layers.items():
+        conv.impl = choice.impl[name]
+    return choice

@@ -1,0 +1,274 @@
+"""The model's depthwise and grouped dilated 3x3 convs as Triton kernels: `dwconv(x, weight, dilation)`.
+
+Why our own: for this net's seven depthwise (C -> C) and grouped (C -> 2C) dilated convs, PyTorch
+runs cuDNN in channels_last, which transposes around its grouped kernels, and in NCHW its own
+kernel, whose weight gradient reads x and dy about 9 times (on one H100, batch 512, bf16, the
+256-channel d5 conv took 13.5 ms forward + backward in channels_last and 5.5 ms in NCHW, where
+its memory traffic needs ~0.45 ms). Inductor cannot generate them (its conv template needs
+dilation 1). These kernels read each big tensor once from memory: the 9 taps are shifted,
+masked loads of the same tile, served from cache.
+
+In order, as in flash-linear-attention's convolution module: the reference (what the tests
+compare against), the kernels, their launchers, the torch.library ops and autograd, and the
+public function. The kernels run on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1
+(Triton's interpreter, how the tests run them without a GPU); anything else, and any shape
+they do not cover, goes to F.conv2d.
+
+The next step, not built (its worth is a GPU measurement): the previous layer's BatchNorm-apply,
+ReLU and dropout in the forward kernel's prologue (where x is loaded), and BatchNorm's
+per-channel sums in its epilogue (where y is stored), which would remove a read and a write of
+every activation around each conv.
+"""
+from __future__ import annotations  # the kernels' `tl.constexpr` annotations stay text where Triton is absent
+
+import functools
+import importlib.util
+import os
+
+import torch
+import torch.nn.functional as F
+
+# Triton is imported when a kernel first runs (`_compiled`): 0.3 s that a process which never runs
+# one (evaluation, export, the CPU trainer) need not pay. Without it, every call goes to F.conv2d.
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+triton = tl = None
+
+TAPS = 9  # a 3x3 kernel
+
+
+# --- the reference ---------------------------------------------------------------------------------
+
+def dwconv_reference(x, weight, dilation):
+    """The contract: a 3x3 conv with padding = dilation (maps keep their size), one group per input
+    channel, each feeding weight.shape[0] // C outputs (1: depthwise, 2: this net's grouped convs)."""
+    return F.conv2d(x, weight, padding=dilation, dilation=dilation, groups=x.shape[1])
+
+
+# --- the kernels -----------------------------------------------------------------------------------
+# Positions p index an image's H x W map flattened (p = h * W + w); strides make one kernel serve
+# both layouts (NHWC: channels contiguous; NCHW: positions contiguous). Output channel co reads
+# input channel co // M. Accumulation is fp32 whatever the storage dtype.
+
+def _dwconv_forward_kernel(x, w, y, C_out, H, W, DIL,
+                           sxn, sxc, sxh, sxw, syn, syc, syh, syw,
+                           M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One program: BLOCK_P positions of image n x BLOCK_C output channels (grid: p blocks, N, c blocks)."""
+    n = tl.program_id(1).to(tl.int64)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    co = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    h, w_ = p // W, p % W
+    p_ok, c_ok = p < H * W, co < C_out
+    x_img = x + n * sxn + (co // M)[None, :] * sxc
+    # (prologue: the previous layer's BatchNorm-apply, ReLU and dropout would act on each x tile here)
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for kh in tl.static_range(3):
+        hh = h + (kh - 1) * DIL
+        for kw in tl.static_range(3):
+            ww = w_ + (kw - 1) * DIL
+            inside = p_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)  # zero padding: masked loads
+            xv = tl.load(x_img + hh[:, None] * sxh + ww[:, None] * sxw, mask=inside[:, None] & c_ok[None, :], other=0.0)
+            wv = tl.load(w + co * 9 + kh * 3 + kw, mask=c_ok, other=0.0)
+            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    # (epilogue: BatchNorm's per-channel sum and sum of squares of acc would be reduced here)
+    out = y + n * syn + h[:, None] * syh + w_[:, None] * syw + co[None, :] * syc
+    tl.store(out, acc.to(y.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+
+
+def _dwconv_backward_kernel(x, w, dy, dx, dw_partial, C_out, H, W, DIL, CHUNKS,
+                            sxn, sxc, sxh, sxw, syn, syc, syh, syw, sdn, sdc, sdh, sdw,
+                            M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One program: CHUNKS blocks of BLOCK_P positions of image n x BLOCK_C output channels, and the
+    BLOCK_C // M input channels they read (grid: tiles of CHUNKS blocks, N, c blocks).
+
+    Reads dy, x and w once each, and writes both gradients:
+    - dx[p, ci] = sum over m, taps of dy[p - offset, ci*M + m] * w[ci*M + m, tap] (the transposed
+      conv): each output channel's share, then the M shares of an input channel added in registers;
+    - dw[co, tap] = sum over p of dy[p, co] * x[p + offset, co // M]: summed over the program's
+      positions into a 16 (taps, padded) x BLOCK_C tile, written as this program's fp32 partial; the
+      launcher sums the partials of all programs (deterministic, no atomics).
+    """
+    n = tl.program_id(1).to(tl.int64)
+    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)  # this program's row of partials
+    co = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ci = tl.program_id(2) * (BLOCK_C // M) + tl.arange(0, BLOCK_C // M)
+    co_ok, ci_ok = co < C_out, ci < C_out // M
+    taps = tl.arange(0, 16)
+    dw_acc = tl.zeros([16, BLOCK_C], dtype=tl.float32)
+    x_img, dy_img = x + n * sxn + (co // M)[None, :] * sxc, dy + n * syn + co[None, :] * syc
+    for chunk in range(CHUNKS):
+        p = (tl.program_id(0) * CHUNKS + chunk) * BLOCK_P + tl.arange(0, BLOCK_P)
+        h, w_ = p // W, p % W
+        p_ok = p < H * W
+        dy_here = tl.load(dy_img + h[:, None] * syh + w_[:, None] * syw, mask=p_ok[:, None] & co_ok[None, :], other=0.0)
+        dy_here = dy_here.to(tl.float32)
+        dx_acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+        for kh in tl.static_range(3):
+            for kw in tl.static_range(3):
+                # weight gradient: dy here against x shifted forward by the tap
+                hh, ww = h + (kh - 1) * DIL, w_ + (kw - 1) * DIL
+                inside = p_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+                xv = tl.load(x_img + hh[:, None] * sxh + ww[:, None] * sxw, mask=inside[:, None] & co_ok[None, :],
+                             other=0.0)
+                part = tl.sum(dy_here * xv.to(tl.float32), axis=0)
+                dw_acc += tl.where(taps[:, None] == kh * 3 + kw, part[None, :], 0.0)
+                # input gradient: dy shifted back by the tap, against the tap's weight
+                hh, ww = h - (kh - 1) * DIL, w_ - (kw - 1) * DIL
+                inside = p_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+                dyv = tl.load(dy_img + hh[:, None] * syh + ww[:, None] * syw, mask=inside[:, None] & co_ok[None, :],
+                              other=0.0)
+                wv = tl.load(w + co * 9 + kh * 3 + kw, mask=co_ok, other=0.0)
+                dx_acc += dyv.to(tl.float32) * wv.to(tl.float32)[None, :]
+        if M == 2:  # the two output channels of each input channel sit side by side: add them
+            dx_acc = tl.sum(tl.reshape(dx_acc, [BLOCK_P, BLOCK_C // 2, 2]), axis=2)
+        out = dx + n * sdn + h[:, None] * sdh + w_[:, None] * sdw + ci[None, :] * sdc
+        tl.store(out, dx_acc.to(dx.dtype.element_ty), mask=p_ok[:, None] & ci_ok[None, :])
+    partial = dw_partial + tile.to(tl.int64) * C_out * 9 + co[None, :] * 9 + taps[:, None]
+    tl.store(partial, dw_acc, mask=(taps[:, None] < 9) & co_ok[None, :])
+
+
+# --- launchers -------------------------------------------------------------------------------------
+
+# Tile sizes, per device and kernel. cuda: the largest tiles whose sm_90 build spills no registers
+# (ptxas -v; tests/test_kernels.py checks it), not yet timed on a GPU. cpu: Triton's interpreter,
+# whose cost is per program, so one wide channel block.
+BLOCKS = {"cuda": {"forward": dict(BLOCK_P=64, BLOCK_C=32, num_warps=4),
+                   "backward": dict(BLOCK_P=32, BLOCK_C=32, num_warps=4)},
+          "cpu": {"forward": dict(BLOCK_P=128, BLOCK_C=256, num_warps=1),
+                  "backward": dict(BLOCK_P=128, BLOCK_C=256, num_warps=1)}}
+BACKWARD_PROGRAMS = 2048  # the backward's grid aims at about this many programs: enough to fill a GPU,
+# few enough that its fp32 weight-gradient partials (tiles x C x 9 floats) stay small beside dy
+
+
+def interpreting():
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def runs_kernels(device):
+    """Whether the Triton kernels can run on tensors of `device`: CUDA with Triton, or CPU under its interpreter."""
+    return HAVE_TRITON and (device.type == "cuda" or (device.type == "cpu" and interpreting()))
+
+
+@functools.cache
+def _compiled(fn, interpreted):
+    """`fn` as a Triton kernel: built for the GPU, or interpreted on CPU tensors (chosen by the tensors'
+    device, so one process can run both). The kernels' globals `triton` and `tl` are bound here, on first use."""
+    global triton, tl
+    import triton
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    return InterpretedFunction(fn) if interpreted else JITFunction(fn)
+
+
+def _kernel(fn, device):
+    return _compiled(fn, device.type == "cpu" or interpreting())  # Triton builds nothing under TRITON_INTERPRET=1
+
+
+def _blocks(device, kernel):
+    return BLOCKS["cpu" if device.type == "cpu" else "cuda"][kernel]
+
+
+def output_format(x):
+    """The memory format of the outputs for input `x`: channels_last for an NHWC input, else NCHW
+    (what F.conv2d gives for these two; the fake implementation below must agree)."""
+    nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if nhwc else torch.contiguous_format
+
+
+def _empty_like_output(x, channels):
+    n, _, h, w = x.shape
+    return torch.empty((n, channels, h, w), dtype=x.dtype, device=x.device, memory_format=output_format(x))
+
+
+def _forward(x, weight, dilation):
+    kernel = _kernel(_dwconv_forward_kernel, x.device)
+    n, _, h, w = x.shape
+    c_out = weight.shape[0]
+    y = _empty_like_output(x, c_out)
+    blocks = _blocks(x.device, "forward")
+    grid = (triton.cdiv(h * w, blocks["BLOCK_P"]), n, triton.cdiv(c_out, blocks["BLOCK_C"]))
+    kernel[grid](
+        x, weight.contiguous(), y, c_out, h, w, dilation, *x.stride(), *y.stride(), M=c_out // x.shape[1], **blocks)
+    return y
+
+
+def _backward(dy, x, weight, dilation):
+    kernel = _kernel(_dwconv_backward_kernel, x.device)
+    n, c_in, h, w = x.shape
+    c_out = weight.shape[0]
+    dx = _empty_like_output(x, c_in)
+    blocks = _blocks(x.device, "backward")
+    p_blocks, c_blocks = triton.cdiv(h * w, blocks["BLOCK_P"]), triton.cdiv(c_out, blocks["BLOCK_C"])
+    chunks = max(1, min(p_blocks, n * p_blocks * c_blocks // BACKWARD_PROGRAMS))
+    grid = (triton.cdiv(p_blocks, chunks), n, c_blocks)
+    partial = torch.empty((grid[0] * n, c_out, TAPS), dtype=torch.float32, device=x.device)
+    kernel[grid](
+        x, weight.contiguous(), dy, dx, partial, c_out, h, w, dilation, chunks, *x.stride(), *dy.stride(), *dx.stride(),
+        M=c_out // c_in, **blocks)
+    dw = partial.sum(0).view(weight.shape).to(weight.dtype)
+    return dx, dw
+
+
+# --- torch.library: one opaque op each way, so that torch.compile sees the kernels as ops, not a break ---
+# needs_exact_strides: Inductor hands the ops tensors with the strides they were traced with, so the
+# output layouts the fake implementations promise are those the kernels write.
+
+@torch.library.custom_op("dalicifar::dwconv", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
+def dwconv_op(x: torch.Tensor, weight: torch.Tensor, dilation: int) -> torch.Tensor:
+    return _forward(x, weight, dilation)
+
+
+@dwconv_op.register_fake
+def _(x, weight, dilation):
+    return _empty_like_output(x, weight.shape[0])
+
+
+@torch.library.custom_op("dalicifar::dwconv_backward", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
+def dwconv_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                       dilation: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward(dy, x, weight, dilation)
+
+
+@dwconv_backward_op.register_fake
+def _(dy, x, weight, dilation):
+    return _empty_like_output(x, x.shape[1]), torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, ctx.dilation = inputs
+    ctx.save_for_backward(x, weight)
+
+
+def _dwconv_grad(ctx, dy):
+    x, weight = ctx.saved_tensors
+    dx, dw = dwconv_backward_op(dy, x, weight, ctx.dilation)
+    return dx, dw, None
+
+
+dwconv_op.register_autograd(_dwconv_grad, setup_context=_setup_context)
+
+
+# --- the public function ---------------------------------------------------------------------------
+
+def covered(x, weight, dilation):
+    """Whether the kernels cover this conv: 4-d input, a 3x3 weight of C*M outputs (M 1 or 2), one
+    input channel per group, fp32/bf16/fp16, on a device where Triton runs."""
+    return (x.dim() == 4 and weight.dim() == 4 and tuple(weight.shape[1:]) == (1, 3, 3) and dilation >= 1
+            and weight.shape[0] in (x.shape[1], 2 * x.shape[1]) and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and runs_kernels(x.device))
+
+
+def dwconv(x, weight, dilation):
+    """`F.conv2d(x, weight, padding=dilation, dilation=dilation, groups=x.shape[1])` for a 3x3 weight of
+    shape (C*M, 1, 3, 3), M 1 or 2, through the Triton kernels where they run (else F.conv2d).
+
+    Input NHWC (channels_last) or NCHW, output in the same layout; fp32, bf16 or fp16 in and out,
+    fp32 accumulation. Under autocast both run at the autocast dtype, as F.conv2d would.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+    if not covered(x, weight, dilation):
+        return dwconv_reference(x, weight.to(x.dtype), dilation)
+    return dwconv_op(x, weight.to(x.dtype), dilation)
