@@ -28,7 +28,7 @@ else
 TORCH ?= torch
 endif
 
-.PHONY: install test train smoke bench data tensorboard gpu-check eval predict export results clean
+.PHONY: install test train smoke bench sweep data tensorboard gpu-check eval predict export results clean
 
 install: $(STAMP)
 .venv/.installed: pyproject.toml
@@ -82,6 +82,11 @@ predict: $(STAMP)
 	$(RUN_GIVEN)$(if $(IMAGES),,$(error name the images: make predict RUN=$(RUN) IMAGES="a.png b.jpg"))$(PY) predict.py "$(RUN)" $(IMAGES) $(ARGS)
 export: $(STAMP)
 	$(RUN_GIVEN)$(PY) export.py "$(RUN)" $(ARGS)
+
+# A recipe sweep: every variant of PLAN (bench/plans/) for each of its seeds, into RUNS (default runs/<plan>),
+# ranked in RUNS/sweep.md; ARGS: --parallel K, --budget-s N. The same command again resumes it.
+sweep: $(STAMP)
+	$(if $(PLAN),,$(error name the plan: make sweep PLAN=bench/plans/fast-15.txt))$(PY) -m bench.sweep "$(PLAN)" --runs "$(or $(RUNS),runs/$(basename $(notdir $(PLAN))))" $(ARGS)
 
 smoke: $(STAMP)
 	$(PY) train.py --smoke $(ARGS)

@@ -55,7 +55,10 @@ class Config:
     recipe: str = field(default="fast", metadata={"choices": list(RECIPES), "help": "preset for the fields left unset"})
     epochs: int = field(default=None, metadata={"help": "training epochs"})
     batch_size: int = field(default=None, metadata={"help": "global batch, images per step over all ranks"})
-    optimizer: str = field(default=None, metadata={"choices": ["sgd", "adam"]})
+    optimizer: str = field(default=None, metadata={
+        "choices": ["sgd", "adam", "adamw"],
+        "help": "sgd: Nesterov, momentum 0.9; adam: weight decay as an L2 term (the original design's); adamw: "
+                "weight decay decoupled from the gradient (Loshchilov & Hutter)"})
     lr: float = field(default=None, metadata={"help": "peak learning rate (sgd: Nesterov, momentum 0.9)"})
     weight_decay: float = field(default=None, metadata={"help": "on conv and linear weights only"})
     label_smoothing: float = field(default=None)

@@ -27,43 +27,65 @@ def mean_std(values):
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def group_runs(runs):
-    """[{"settings", "label", "n", "seeds", "final", "best", "reached", "epochs_to_target", "seconds_to_target"}],
-    one per distinct setting: runs that differ only in PER_RUN fields (the seed, say) form a group.
-    final/best/epochs/seconds are (mean, std); std is None for a single run."""
+def settings_of(run):
+    """What a run computed: its settings but the PER_RUN ones, with its device and train set size."""
+    return {k: v for k, v in run["config"].items() if k not in PER_RUN} | {"device": run["device"],
+                                                                         "train_images": run.get("train_images")}
+
+
+def group_runs(runs, key=None):
+    """[{"settings", "label", "n", "seeds", "final", "best", "final_tta", "reached", "epochs_to_target",
+    "seconds_to_target", "img_per_s", "curve"}], one per group. By default runs that differ only in
+    PER_RUN fields (the seed, say) form a group, labelled by the settings that vary; `key(run)` -> label
+    groups by anything else (the sweep: by variant). final/best/final_tta/epochs/seconds/img_per_s are
+    (mean, std), std None for a single run; curve: the mean test accuracy after each epoch (over the runs
+    that reached it)."""
     groups = {}
     for r in runs:
-        settings = {k: v for k, v in r["config"].items() if k not in PER_RUN} | {"device": r["device"],
-                                                                                  "train_images": r.get("train_images")}
-        groups.setdefault(json.dumps(settings, sort_keys=True), (settings, []))[1].append(r)
-    varying = {k for settings, _ in groups.values() for k in settings
-               if len({json.dumps(s.get(k)) for s, _ in groups.values()}) > 1}
+        label = key(r) if key else json.dumps(settings_of(r), sort_keys=True)
+        groups.setdefault(label, []).append(r)
+    every = [settings_of(members[0]) for members in groups.values()]
+    varying = {k for s in every for k in s if len({json.dumps(t.get(k)) for t in every}) > 1}
+    shown = ["recipe", "device", "epochs", "batch_size", "train_images"]
+    shown += sorted(varying - set(shown))
     out = []
-    for settings, members in groups.values():
+    for label, members in groups.items():
+        settings = settings_of(members[0])
         reached = [r for r in members if r["epoch_to_target"] is not None]
-        shown = ["recipe", "device", "epochs", "batch_size", "train_images"] + sorted(varying - {"recipe", "device", "epochs",
-                                                                                                "batch_size", "train_images"})
-        label = ", ".join(f"{settings[k]}" if k in ("recipe", "device") else f"{k} {settings.get(k)}" for k in shown)
-        out.append({"settings": settings, "label": label, "n": len(members), "seeds": [r["config"]["seed"] for r in members],
+        epochs = max(len(r.get("history", [])) for r in members)
+        curve = [mean_std([r["history"][e]["test_acc"] for r in members if len(r.get("history", [])) > e])[0]
+                 for e in range(epochs)]
+        out.append({"settings": settings, "n": len(members), "seeds": [r["config"]["seed"] for r in members],
+                    "label": label if key else ", ".join(f"{settings[k]}" if k in ("recipe", "device")
+                                                         else f"{k} {settings.get(k)}" for k in shown),
                     "final": mean_std([r["final_acc"] for r in members]), "best": mean_std([r["best_acc"] for r in members]),
+                    "final_tta": mean_std([r.get("final_tta_acc") for r in members]),
                     "target_acc": members[0]["target_acc"], "reached": len(reached),
                     "epochs_to_target": mean_std([r["epoch_to_target"] for r in reached]),
-                    "seconds_to_target": mean_std([r["wall_s_to_target"] for r in reached])})
+                    "seconds_to_target": mean_std([r["wall_s_to_target"] for r in reached]),
+                    "img_per_s": mean_std([r.get("mean_train_img_per_s") for r in members]), "curve": curve})
     return out
 
 
-def format_groups(groups):
-    """The groups as a Markdown table, a row each."""
-    def num(ms, fmt):
-        mean, std = ms
-        return "—" if mean is None else format(mean, fmt) + (f" ± {format(std, fmt)}" if std is not None else "")
+def number(ms, fmt):
+    """(mean, std) as "mean ± std" in `fmt`, "mean" alone for one value, "—" for none."""
+    mean, std = ms
+    return "—" if mean is None else format(mean, fmt) + (f" ± {format(std, fmt)}" if std is not None else "")
 
-    rows = [("settings", "n", "final acc", "best acc", "reached target", "epochs to it", "seconds to it")]
-    for g in groups:
-        rows.append((g["label"], str(g["n"]), num(g["final"], ".2%"), num(g["best"], ".2%"),
-                     f"{g['reached']} of {g['n']} ({g['target_acc']:.0%})", num(g["epochs_to_target"], ".1f"),
-                     num(g["seconds_to_target"], ",.0f")))
+
+def markdown_table(rows):
+    """Rows of strings (the first, the header) as an aligned Markdown table."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def format_groups(groups):
+    """The groups as a Markdown table, a row each."""
+    rows = [("settings", "n", "final acc", "best acc", "reached target", "epochs to it", "seconds to it")]
+    for g in groups:
+        rows.append((g["label"], str(g["n"]), number(g["final"], ".2%"), number(g["best"], ".2%"),
+                     f"{g['reached']} of {g['n']} ({g['target_acc']:.0%})", number(g["epochs_to_target"], ".1f"),
+                     number(g["seconds_to_target"], ",.0f")))
+    return markdown_table(rows)

@@ -146,6 +146,17 @@ def test_weight_decay_skips_batchnorm_and_biases():
     assert rest["weight_decay"] == 0 and all(p.ndim == 1 for p in rest["params"])
 
 
+def test_adamw_decays_the_weights_apart_from_the_gradient_and_adam_adds_it_to_it():
+    model = torch.nn.Linear(2, 2, bias=False)
+    for name, kind in (("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)):
+        optimizer = make_optimizer(resolve(Config(device="cpu", optimizer=name, lr=0.1, weight_decay=0.5)), model)
+        assert type(optimizer) is kind and optimizer.param_groups[0]["weight_decay"] == 0.5
+    w = model.weight.detach().clone()
+    model.weight.grad = torch.zeros_like(w)  # no loss gradient: what moves the weights is the decay alone
+    optimizer.step()  # AdamW: w * (1 - lr * decay), whatever Adam's moments make of a zero gradient
+    torch.testing.assert_close(model.weight.detach(), w * (1 - 0.1 * 0.5))
+
+
 class SyncGuarded:
     """A loader whose batches between the first and the last step run under sync debug mode "error"."""
 

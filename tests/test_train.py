@@ -386,6 +386,13 @@ def test_bad_flags_and_data_are_one_line(run, flags, message, tmp_path):
     assert list(tmp_path.iterdir()) == []  # no run folder left behind
 
 
+def test_conv_impl_triton_where_the_kernels_cannot_run_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # a CPU, outside Triton's interpreter
+    message = one_line_error(train_here("--smoke", "--conv-impl", "triton", "--runs", tmp_path))
+    assert message.startswith("error: --conv-impl triton: ") and "use --conv-impl auto or torch" in message
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_bad_checkpoint_is_one_line_and_left_as_it_was(tmp_path):
     (tmp_path / "bad").mkdir()
     content = os.urandom(4096)

@@ -1,0 +1,295 @@
+"""`python -m bench.sweep PLAN --runs DIR` (`make sweep PLAN=FILE RUNS=DIR`): a recipe search as one resumable
+batch job, ranked in one table.
+
+A plan file holds named variants, one a line, `name: train.py flags` (the flags may be empty), and two
+reserved lines: `seeds: 0 1 2 3 4` and `common: <flags for every variant>`; `#` starts a comment. Every
+(variant, seed) is one train.py run in DIR/<variant>-s<seed>, K at once (--parallel K; on a CPU at most
+the idle cores, each with its share of them), every variant of the first seed before any second seed, so
+that a sweep cut short still compares every variant. --budget-s N: past N seconds the running runs get
+SIGTERM (they save and stop, as train.py does) and the sweep reports what it has. The same command again
+skips finished runs and resumes cut ones. The runs share one compile cache (DIR/.cache).
+
+As each run ends, DIR/sweep.md and DIR/sweep.json are rewritten: one row per variant, ranked by mean final
+test accuracy (engine/results.py groups the runs), with the mean test accuracy after each epoch below;
+each run's console output is in DIR/logs/, and `make tensorboard LOGDIR=DIR` overlays every run's curves.
+A plan with a mistake (an unknown flag, a bad value, a name used twice) is one line naming the line,
+exit 2, before anything runs.
+"""
+import argparse
+import datetime
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.config import Config, UserError, check, flag, flag_parser, resolve
+from engine.device import idle_cores
+from engine.results import PER_RUN, group_runs, markdown_table, number
+from engine.run import write_atomic, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEPS_OWN = ("seed", "runs", "name", "resume")  # flags the sweep sets for each run
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")  # a variant's name is part of its runs' folder names
+
+
+@dataclass
+class Plan:
+    path: Path
+    seeds: list
+    common: list  # train.py flags, for every variant
+    variants: dict = field(default_factory=dict)  # name -> its own flags, in the file's order
+
+    def jobs(self):
+        """(variant, seed, run name) in the order they run: every variant of a seed before the next seed."""
+        return [(v, seed, f"{v}-s{seed}") for seed in self.seeds for v in self.variants]
+
+
+def parse_flags(words, where):
+    """train.py's flags as train.py parses them: {field: value}; a mistake is a UserError naming `where`."""
+    parser = flag_parser()
+
+    def refuse(message):
+        raise UserError(f"{where}: {message}; fix that line of the plan")
+
+    parser.error = refuse  # argparse's own messages ("unrecognized arguments: ..."), but one line and ours
+    given = vars(parser.parse_args(words))
+    own = [flag(k) for k in SWEEPS_OWN if k in given]
+    if own:
+        refuse(f"{', '.join(own)} {'is' if len(own) == 1 else 'are'} set by the sweep for each run (seeds: the "
+               f"`seeds:` line)")
+    return given
+
+
+def read_plan(path, runs):
+    """The plan in `path`, every line's flags parsed and every variant's settings checked as train.py checks
+    them (into `runs`): the first mistake is a UserError naming its line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no plan file at {path}; pass one such as bench/plans/fast-15.txt")
+    plan, given, lines = Plan(path, [0], []), {"common": {}}, {}
+    for number_, raw in enumerate(path.read_text().splitlines(), 1):
+        text = raw.split("#", 1)[0].strip()
+        if not text:
+            continue
+        where = f"{path}:{number_}"
+        name, colon, rest = (part.strip() for part in text.partition(":"))
+        if not colon or not NAME.fullmatch(name):
+            raise UserError(f"{where}: {text!r} is not `name: train.py flags` (a name of letters, digits, - _ . +); "
+                            f"fix that line of the plan")
+        if name == "seeds":
+            seeds = rest.split()
+            if not seeds or not all(s.isdigit() for s in seeds) or len(set(seeds)) < len(seeds):
+                raise UserError(f"{where}: `seeds:` takes distinct whole numbers, such as `seeds: 0 1 2 3 4`")
+            plan.seeds = [int(s) for s in seeds]
+            continue
+        if name in lines:
+            raise UserError(f"{where}: a second {'`common:` line' if name == 'common' else f'variant named {name}'} "
+                            f"(the first is at {lines[name]}); give it another name")
+        try:
+            words = shlex.split(rest)
+        except ValueError as e:
+            raise UserError(f"{where}: {e}; fix that line of the plan") from None
+        given[name], lines[name] = parse_flags(words, where), where
+        if name == "common":
+            plan.common = words
+        else:
+            plan.variants[name] = words
+    if not plan.variants:
+        raise UserError(f"{path} names no variant; add lines such as `control:` and `no-dropout: --dropout 0`")
+    for name in plan.variants:  # each run's settings, checked now rather than hours in
+        try:
+            settings = {**given["common"], **given[name]}  # a variant's flag over the common one, as in its command
+            check(resolve(Config(**settings, seed=plan.seeds[0], runs=str(runs), name=".plan-check")))
+        except UserError as e:
+            raise UserError(f"{lines[name]} ({name}): {e}") from None
+    return plan
+
+
+def planned_config(plan, variant, seed, runs, name):
+    """The settings train.py will resolve for one run of the plan."""
+    given = {**parse_flags(plan.common, "common"), **parse_flags(plan.variants[variant], variant)}
+    return resolve(Config(**given, seed=seed, runs=str(runs), name=name))
+
+
+def run_state(run_dir, planned):
+    """"done", "cut" (a checkpoint to resume) or "new"; a folder whose settings are not the plan's is a UserError."""
+    summary, last = run_dir / "summary.json", run_dir / "last.pt"
+    saved = json.loads(summary.read_text())["config"] if summary.exists() else None
+    if saved is not None:
+        differ = [f"{flag(k)} {saved[k]} (the plan: {v})" for k, v in planned.__dict__.items()  # unset: resolved later
+                  if k in saved and k not in PER_RUN and v is not None and saved[k] != v]
+        if differ:
+            raise UserError(f"{run_dir} was trained with other settings: {', '.join(differ[:3])}; sweep into another "
+                            f"--runs folder, or remove that run")
+        if json.loads(summary.read_text())["complete"]:
+            return "done"
+    return "cut" if last.exists() else "new"
+
+
+class Sweep:
+    """The runs of one plan in one folder: which are done, which run now, and the report."""
+
+    def __init__(self, plan, runs, parallel, budget_s=None, out=None, clock=time.monotonic):
+        self.plan, self.runs, self.budget_s, self.out, self.clock = plan, Path(runs), budget_s, out or sys.stdout, clock
+        self.jobs = plan.jobs()
+        self.planned = {name: planned_config(plan, v, seed, runs, name) for v, seed, name in self.jobs}
+        self.state = {name: run_state(self.runs / name, self.planned[name]) for _, _, name in self.jobs}
+        cpu = next(iter(self.planned.values())).device == "cpu"
+        self.parallel, self.threads = parallel, None
+        if cpu:  # each run gets its share of the cores idle now: torch's threads wait for each other at every op
+            cores = idle_cores()
+            self.parallel = max(1, min(parallel, cores))
+            self.threads = max(1, cores // self.parallel)
+        cache = self.runs / ".cache"  # one compile cache: the graphs every run of a shape builds are built once
+        self.env = {**{k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")},
+                    "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton"),
+                    "PYTHONUNBUFFERED": "1"}
+        self.signum = None
+
+    def command(self, variant, seed, name):
+        resume = self.state[name] == "cut"
+        argv = ["--resume", str(self.runs / name)] if resume else \
+            [*self.plan.common, *self.plan.variants[variant], "--seed", str(seed), "--runs", str(self.runs), "--name", name]
+        return [sys.executable, str(ROOT / "train.py"), *argv] + (["--threads", str(self.threads)] if self.threads else [])
+
+    def say(self, line):
+        print(line, file=self.out, flush=True)
+
+    def run(self):
+        """Every run not done yet, `parallel` at a time; returns the exit code."""
+        (self.runs / "logs").mkdir(parents=True, exist_ok=True)
+        todo = [job for job in self.jobs if self.state[job[2]] != "done"]
+        done = len(self.jobs) - len(todo)
+        self.say(f"sweep {self.plan.path}: {len(self.plan.variants)} variants x {len(self.plan.seeds)} seeds = "
+                 f"{len(self.jobs)} runs in {self.runs} ({done} done already), {self.parallel} at once"
+                 + (f", {self.threads} CPU threads each" if self.threads else "")
+                 + (f", budget {self.budget_s:g} s" if self.budget_s is not None else ""))
+        self.report()
+        handlers = {s: signal.signal(s, self.stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        running, t0, cut_by = {}, self.clock(), None
+        try:
+            while running or todo and cut_by is None:
+                if cut_by is None and (self.signum or self.budget_s is not None and self.clock() - t0 > self.budget_s):
+                    cut_by = "a signal" if self.signum else f"the budget of {self.budget_s:g} s"
+                    for proc, *_ in running.values():  # once each: a second signal would make train.py quit unsaved
+                        proc.terminate()
+                while cut_by is None and todo and len(running) < self.parallel:
+                    variant, seed, name = job = todo.pop(0)
+                    log = open(self.runs / "logs" / f"{name}.log", "a")
+                    argv = self.command(*job)
+                    log.write(f"== {datetime.datetime.now():%Y-%m-%d %H:%M:%S} {shlex.join(argv)}\n")
+                    log.flush()
+                    # Its own session: Ctrl-C in the terminal reaches the sweep alone, which passes one SIGTERM on.
+                    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=self.env,
+                                            start_new_session=True)
+                    running[name] = (proc, log, time.monotonic())
+                    self.say(f"  {name}: {'resumed' if self.state[name] == 'cut' else 'started'}")
+                for name, (proc, log, started) in list(running.items()):
+                    if proc.poll() is not None:
+                        log.close()
+                        del running[name]
+                        self.finished(name, proc.returncode, time.monotonic() - started)
+                time.sleep(0.2)
+        finally:
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
+        counts = {k: sum(v == k for v in self.state.values()) for k in ("done", "cut", "failed", "new")}
+        self.say(f"{counts['done']} of {len(self.jobs)} runs done"
+                 + "".join(f", {counts[k]} {what}" for k, what in (("cut", "cut"), ("failed", "failed"),
+                                                                    ("new", "not started")) if counts[k])
+                 + (f"; stopped by {cut_by}, the same command goes on from here" if cut_by else "")
+                 + f"; table: {self.runs / 'sweep.md'}")
+        if self.signum:
+            return 128 + self.signum
+        return 1 if counts["failed"] else 0
+
+    def stop(self, signum, frame):
+        self.signum = signum
+
+    def finished(self, name, code, seconds):
+        summary = self.runs / name / "summary.json"
+        complete = code == 0 and summary.exists() and json.loads(summary.read_text())["complete"]
+        self.state[name] = "done" if complete else "cut" if (self.runs / name / "last.pt").exists() and code in (130, 143) \
+            else "new" if code in (130, 143) else "failed"
+        what = {"done": "done", "cut": "cut (saved; resumed next time)", "new": "stopped before training",
+                "failed": f"FAILED (exit {code}; log: {self.runs / 'logs' / (name + '.log')})"}[self.state[name]]
+        acc = json.loads(summary.read_text())["final_acc"] if complete else None
+        self.say(f"  {name}: {what} after {seconds:.0f} s" + (f", test accuracy {acc:.2%}" if acc is not None else ""))
+        self.report()
+
+    def report(self):
+        """DIR/sweep.json and DIR/sweep.md from every finished run of the plan, rewritten whole."""
+        names = {name: variant for variant, _, name in self.jobs}
+        runs = [json.loads((self.runs / name / "summary.json").read_text()) | {"run": name}
+                for name in names if self.state[name] == "done"]
+        groups = {g["label"]: g for g in group_runs(runs, key=lambda r: names[r["run"]])}
+        rows = []
+        for variant, words in self.plan.variants.items():
+            states = [self.state[name] for name, v in names.items() if v == variant]
+            g = groups.get(variant, {"n": 0})
+            rows.append({"variant": variant, "flags": shlex.join(words),
+                         "runs": {k: states.count(k) for k in ("done", "cut", "failed", "new")},
+                         **{k: v for k, v in g.items() if k not in ("settings", "label")}})
+        rows.sort(key=lambda r: -(r["final"][0] if r["n"] else -1))
+        target = next(iter(self.planned.values())).target_acc
+        data = {"plan": str(self.plan.path), "runs": str(self.runs), "seeds": self.plan.seeds,
+                "common": shlex.join(self.plan.common), "target_acc": target,
+                "updated": datetime.datetime.now().isoformat(timespec="seconds"), "variants": rows}
+        write_json(data, self.runs / "sweep.json")
+        write_atomic(self.runs / "sweep.md", lambda tmp: Path(tmp).write_text(sweep_markdown(data) + "\n"))
+
+
+def sweep_markdown(data):
+    """The ranked table, then the mean test accuracy after each epoch, as Markdown."""
+    pct = ".2%"
+    head = ("rank", "variant", "flags", "n", "final acc", "best acc", "final, flip TTA", f"reached {data['target_acc']:.0%}",
+            "epochs to it", "seconds to it", "img/s", "runs")
+    table = [head]
+    for i, r in enumerate(data["variants"], 1):
+        runs = ", ".join(f"{n} {k if k != 'new' else 'to run'}" for k, n in r["runs"].items() if n)
+        if not r["n"]:
+            table.append((str(i), r["variant"], r["flags"] or "—", "0", *["—"] * 7, runs))
+            continue
+        table.append((str(i), r["variant"], r["flags"] or "—", str(r["n"]), number(r["final"], pct), number(r["best"], pct),
+                      number(r["final_tta"], pct), f"{r['reached']} of {r['n']}", number(r["epochs_to_target"], ".1f"),
+                      number(r["seconds_to_target"], ",.0f"), number(r["img_per_s"], ",.0f"), runs))
+    epochs = max([len(r.get("curve", [])) for r in data["variants"]] + [0])
+    curves = [("variant", *(str(e) for e in range(1, epochs + 1)))]
+    curves += [(r["variant"], *(f"{a:.1%}" if a is not None else "—" for a in r["curve"]),
+                *["—"] * (epochs - len(r["curve"]))) for r in data["variants"] if r.get("curve")]
+    lines = [f"# Sweep: {data['plan']}", "",
+             f"Runs in `{data['runs']}` (curves: `make tensorboard LOGDIR={data['runs']}`); seeds {data['seeds']}; "
+             f"every variant with `{data['common'] or 'no common flags'}`; ranked by mean final test accuracy, "
+             f"mean ± std over the finished runs; updated {data['updated']}.", "", markdown_table(table)]
+    if epochs:
+        lines += ["", "Mean test accuracy after each epoch:", "", markdown_table(curves)]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.sweep", description=__doc__.splitlines()[0])
+    parser.add_argument("plan", help="the plan file (bench/plans/fast-15.txt, say)")
+    parser.add_argument("--runs", required=True, help="the folder every run of the sweep goes into, and its table")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at once (one GPU holds several; on a CPU at "
+                        "most the idle cores; default 1)")
+    parser.add_argument("--budget-s", type=float, default=None, help="past this many seconds, the running runs save "
+                        "and stop, and the sweep reports what it has (default: no limit)")
+    args = parser.parse_args(argv)
+    try:
+        if args.parallel < 1 or args.budget_s is not None and args.budget_s < 0:
+            raise UserError("--parallel is at least 1 and --budget-s at least 0")
+        plan = read_plan(args.plan, args.runs)
+        return Sweep(plan, args.runs, args.parallel, args.budget_s).run()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
