@@ -38,7 +38,7 @@ from pipelines import DataError
 
 from .model import bench_end_to_end, bench_limit, bench_model, model_variants, prepare_model
 from .pipelines import (bench_albumentations, bench_dali, bench_data, bench_draws, bench_epoch_start,
-                        bench_torch_augment)
+                        bench_host_cost, bench_torch_augment)
 from .report import accuracy, figure, table, write_tensorboard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,6 +124,7 @@ def run(args):
                bench_dali(blobs, labels[:len(blobs)], dev, pipe_batch, pipe_timing))
         record("costs", f"epoch start, DALI raw, {dev}", bench_epoch_start(images[:4 * pipe_batch], labels[:4 * pipe_batch],
                                                                           dev, pipe_batch))
+        record("costs", f"augmentation host cost, {dev}", bench_host_cost(dev, pipe_timing))
         record("pipeline", f"plain torch, {dev}", bench_torch_augment(images, dev, pipe_batch, pipe_timing))
     try:
         record("pipeline", f"Albumentations DataLoader, {os.cpu_count()} workers",

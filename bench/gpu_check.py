@@ -93,7 +93,7 @@ def text_of(output):
 
 
 def pipelines(data):
-    from bench.pipelines import bench_dali, bench_data, bench_draws
+    from bench.pipelines import bench_dali, bench_data, bench_draws, bench_host_cost
     from pipelines import Augment
 
     images, labels, blobs, what = bench_data(data, n_encoded=20_000, n_synthetic=50_000)
@@ -109,7 +109,15 @@ def pipelines(data):
                               "encoded (nvJPEG), augmented": (blobs, labels[:len(blobs)], Augment()),
                               "encoded (nvJPEG), no augmentation": (blobs, labels[:len(blobs)], None)}.items():
         rows[f"DALI {name}, img/s"] = bench_dali(x, y, "cuda", 1024, timing, augment=aug)["img_per_s"]
-    return [f"- data: {what}"] + [f"- {k}: {v:,.3f}" if v < 100 else f"- {k}: {v:,.0f}" for k, v in rows.items()], rows
+    lines = [f"- data: {what}"] + [f"- {k}: {v:,.3f}" if v < 100 else f"- {k}: {v:,.0f}" for k, v in rows.items()]
+    host = bench_host_cost("cuda", timing)  # the same batch sweep as the CPU bench's row, on the GPU graph
+    lines += ["", "Host cost of augmentation per batch (the GPU graph on 1x1 images, augmented minus plain):", "",
+              "| batch | augmented ms | plain ms | augmentation ms |", "|---|---|---|---|"]
+    lines += [f"| {int(b):,} | {r['augmented_ms']:.2f} | {r['plain_ms']:.2f} | {r['cost_ms']:.2f} |"
+              for b, r in host["batches"].items()]
+    lines.append(f"- growth per doubling of the batch: {', '.join(f'x{g:.1f}' for g in host['growth_per_doubling'] if g)}"
+                 f" (x2: linear; x4: a per-image argument)")
+    return lines, {**rows, "host_cost": host}
 
 
 def trainer_setup():

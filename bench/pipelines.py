@@ -1,6 +1,7 @@
 """Bench rows for the data pipelines alone: DALI (raw, without augmentation, encoded), the
 plain-torch augmenter doing the same three augmentations, the original design's Albumentations
-loader; and the costs outside the graph (the numpy parameter draws, an epoch's start)."""
+loader; and the costs outside the images (the numpy parameter draws, the host's work per batch
+that augmentation adds, an epoch's start)."""
 import math
 import os
 import statistics
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines import MEAN, STD, Augment, load_cifar10, make_loader, synthetic_cifar
-from pipelines.augment import draw_augment
+from pipelines.augment import draw_augment, graph_inputs
 from pipelines.data import data_format, pixels
 
 from .timing import endless, measure
@@ -53,14 +54,30 @@ def bench_dali(images, labels, device, batch, timing, augment=Augment()):
 
 
 def bench_draws(batch=512, repeats=5, calls=50):
-    """Milliseconds to draw one batch's augmentation parameters with numpy (the loader's callback)."""
+    """Milliseconds to draw one batch's augmentation parameters with numpy and turn them into what the
+    graph reads (the loader's callback: matrices and masks)."""
     aug, times = Augment(), []
     for r in range(repeats):
         t0 = time.perf_counter()
         for i in range(calls):
-            draw_augment(aug, batch, np.random.default_rng([0, r, 0, i]))  # seeded as the loader seeds it
+            graph_inputs(draw_augment(aug, batch, np.random.default_rng([0, r, 0, i])))  # seeded as the loader seeds it
         times.append((time.perf_counter() - t0) / calls * 1e3)
     return {"ms": statistics.median(times), "min": min(times), "max": max(times), "batch": batch}
+
+
+def bench_host_cost(device, timing, batches=(512, 1024, 2048)):
+    """What augmentation adds to a batch's host work, in ms: the loader's graph on 1 x 1 images (the
+    image work vanishes; the per-image work of sources, arguments and operators remains), augmented
+    minus not, at each batch size. A cost that quadruples when the batch doubles is the signature of
+    a per-image argument (DALI re-checks the whole batch's argument for every image)."""
+    rows = {}
+    for batch in batches:
+        images, labels = np.zeros((8 * batch, 1, 1, 3), np.uint8), np.zeros(8 * batch, np.int64)  # 8 batches an epoch
+        ms = {name: batch / bench_dali(images, labels, device, batch, timing, augment=aug)["img_per_s"] * 1e3
+              for name, aug in (("augmented_ms", Augment()), ("plain_ms", None))}
+        rows[str(batch)] = {**ms, "cost_ms": ms["augmented_ms"] - ms["plain_ms"]}
+    costs = [r["cost_ms"] for r in rows.values()]
+    return {"batches": rows, "growth_per_doubling": [b / a if a > 0 else None for a, b in zip(costs, costs[1:])]}
 
 
 def bench_epoch_start(images, labels, device, batch, repeats=5):

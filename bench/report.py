@@ -50,6 +50,12 @@ def table(results):
         lines.append(f"- augmentation parameters drawn with numpy: {d['ms']:.3f} ms per batch of {d['batch']} "
                      f"({d['min']:.3f} - {d['max']:.3f})")
     for what, c in costs.items():
+        if what.startswith("augmentation host cost"):
+            costs = " / ".join(f"{r['cost_ms']:.2f}" for r in c["batches"].values())
+            batches = " / ".join(f"{int(b):,}" for b in c["batches"])
+            growth = ", ".join(f"x{g:.1f}" if g else "—" for g in c["growth_per_doubling"])
+            lines.append(f"- {what}: {costs} ms per batch of {batches} (the graph on 1x1 images, augmented minus plain; "
+                         f"{growth} per doubling of the batch: x2 is linear, x4 quadratic)")
         if what.startswith("epoch start"):
             lines.append(f"- {what}: {c['build_ms']:.1f} ms to build the pipeline (first epoch), {c['reset_ms']:.1f} ms "
                          f"to reset it (every later epoch), to the first batch of {c['batch']}")

@@ -1,21 +1,27 @@
 """One DALI graph for CIFAR-10, on GPU or on DALI's CPU operators, and the loader around it.
 
-train: [decode] -> flip -> shift-scale-rotate -> cutout -> normalize, each with its own
-probability, per image (the original design's Albumentations recipe); eval: normalize only.
-Normalization comes first (crop_mirror_normalize, which also does the flip), so that the
-mean-fill of warp_affine and erase is exactly 0: `fill_value` is one scalar, and 0 after
-normalization IS the per-channel dataset mean.
+train: [decode] -> normalize -> one warp (flip and shift-scale-rotate) -> cutout, each with its
+own probability, per image (the original design's Albumentations recipe); eval: normalize only.
+Normalization comes first, so that the fill of the warp and of the cutout is exactly 0:
+`fill_value` is one scalar, and 0 after normalization IS the per-channel dataset mean.
 
-Three choices that matter on a GPU (../shared/NOTES-GPU.md):
-- The per-image parameters (flip, the shift-scale-rotate matrix, the cutout square) are drawn
-  with numpy in a source callback, not by DALI random/arithmetic operators: argument inputs
-  live on the CPU even in a GPU graph, and DALI runs its CPU operators one after another (~30
-  of them cost 8-13 ms per 512 images; numpy, well under 1 ms).
+What a batch costs outside the images (../shared/NOTES-DALI.md has the measurements):
+- The per-image parameters are drawn with numpy in one source callback (pipelines/augment.py),
+  not by DALI random/arithmetic operators: argument inputs live on the CPU even in a GPU graph,
+  and DALI runs its CPU operators one after another.
+- The graph reads them in the forms that cost least per image: no per-image operator argument
+  (reading one re-checks the whole batch's argument for every image, a host cost quadratic in the
+  batch), but the flip folded into one destination-to-source matrix per image, handed to
+  `warp_affine` as its second input (on the GPU, uninverted), and the cutout as a multiply by a
+  per-image mask. Images that draw neither flip nor warp get the identity, which gives them back
+  exactly: one path for every image, no conditionals.
 - Each loader builds its pipeline once and resets it per epoch: a build costs 50-60 ms on CPU
   and more on a GPU (streams, pinned buffers, the nvJPEG decoder), and DALI's pool never shrinks.
-- DALI's GPU output is copied into torch's memory on torch's stream (the copy is also the one
-  cast to the model's dtype), and DALI's buffer is held until that copy has run: DLPack gives
-  DALI its buffer back as soon as Python drops it, with no ordering against torch's stream.
+- Batches are handed over stream-ordered: `pipe.run(torch's stream)` binds DALI's outputs to
+  torch's current stream instead of waiting for them on the host (DALIGenericIterator waits), and
+  the copy into torch's memory (also the cast to the model's dtype) is queued on that stream;
+  DALI's buffer is held until that copy has run, since DLPack gives DALI its buffer back as soon
+  as Python drops it, with no ordering against torch's stream.
 
 Epochs are reproducible from (seed, epoch) alone, and each batch from (seed, epoch, shard,
 batch index): a run resumed in the middle of an epoch sees exactly the batches, augmentation
@@ -27,24 +33,23 @@ import os
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from .augment import Augment, draw_augment
+from .augment import Augment, draw_augment, graph_inputs
 from .data import MEAN, SIZE, STD, is_encoded
 
 
 def used_draws(aug):
-    """The `draw_augment` outputs the graph reads for `aug`: DALI warns about unused ones."""
+    """The `graph_inputs` the graph reads for `aug`: DALI warns about unused ones."""
     if aug is None:
         return ()
-    ssr, cutout = aug.ssr_p > 0, aug.cutout_p > 0 and aug.cutout_size > 0
-    return ("flip",) + ("matrix",) * ssr + ("anchor", "shape") * cutout
+    warp, cutout = aug.flip_p > 0 or aug.ssr_p > 0, aug.cutout_p > 0 and aug.cutout_size > 0
+    return ("matrix",) * warp + ("mask",) * cutout
 
 
 @pipeline_def(enable_conditionals=False)
 def cifar_graph(data, draws, *, device, encoded, augment, mean, std):
     """The whole graph. device: "cpu" or "gpu"; data yields (images or encoded bytes, labels) per
-    batch, draws the `used_draws(augment)` parameters of the same batch (augment None: none).
+    batch, draws the `used_draws(augment)` inputs of the same batch (augment None: none).
     Emits float32 HWC: the loader's copy into torch is also the one cast to the model's dtype."""
     if encoded:
         blobs, labels = fn.external_source(source=data, num_outputs=2, batch=True, batch_info=True)
@@ -54,17 +59,16 @@ def cifar_graph(data, draws, *, device, encoded, augment, mean, std):
         images, labels = fn.external_source(source=data, num_outputs=2, batch=True, batch_info=True,
                                             device=device, layout=["HWC", ""])
     names = used_draws(augment)
-    # Argument inputs: CPU data, even in a GPU graph.
-    arg = dict(zip(names, fn.external_source(source=draws, num_outputs=len(names), batch=True, batch_info=True))) \
-        if names else {}
-    images = fn.crop_mirror_normalize(images, mirror=arg.get("flip", 0), mean=list(mean), std=list(std),
-                                      dtype=types.FLOAT, output_layout="HWC")
-    if "matrix" in arg:  # zero ranges still warp (by the identity): what the tests check
-        images = fn.warp_affine(images, matrix=arg["matrix"], inverse_map=False, fill_value=0.0,
-                                interp_type=types.INTERP_LINEAR)
-    if "anchor" in arg:
-        images = fn.erase(images, anchor=arg["anchor"], shape=arg["shape"], axis_names="HW", centered_anchor=True,
-                          fill_value=0.0)
+    # One source for both: each source output is a copy per batch. Drawn on the CPU; on a GPU graph
+    # both go over as data inputs (a matrix and a mask per image), not as per-image arguments.
+    inputs = fn.external_source(source=draws, num_outputs=len(names), batch=True, batch_info=True,
+                                layout=[{"matrix": "", "mask": "HWC"}[n] for n in names]) if names else []
+    arg = {n: x.gpu() if device == "gpu" else x for n, x in zip(names, inputs)}
+    images = fn.crop_mirror_normalize(images, mean=list(mean), std=list(std), dtype=types.FLOAT, output_layout="HWC")
+    if "matrix" in arg:  # zero ranges and no flip still warp, by the identity: what the tests check
+        images = fn.warp_affine(images, arg["matrix"], fill_value=0.0, interp_type=types.INTERP_LINEAR)
+    if "mask" in arg:
+        images = images * arg["mask"]
     return images, labels
 
 
@@ -101,11 +105,12 @@ class Loader:
             raise ValueError(f"memory_format must be torch.channels_last or torch.contiguous_format, not {memory_format}")
         if augment is not None and not isinstance(augment, Augment):
             raise ValueError(f"augment must be an Augment or None, not {type(augment).__name__}")
-        self.encoded = is_encoded(images)
+        self.encoded, self.size = is_encoded(images), SIZE
         if not self.encoded:
             images = np.ascontiguousarray(images)
-            if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (SIZE, SIZE, 3):
+            if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3 or images.shape[1] != images.shape[2]:
                 raise ValueError(f"images must be uint8 (N, 32, 32, 3), not {images.dtype} {images.shape}")
+            self.size = images.shape[1]  # 32: CIFAR; the bench's host-cost rows use 1 x 1 images
         self.batch_size, self.train, self.augment = batch_size, train, augment if train else None
         self.device, self.dtype, self.memory_format, self.mean, self.std = device, dtype, memory_format, mean, std
         self.seed, self.shard_id, self.num_shards = seed, shard_id, num_shards
@@ -123,7 +128,7 @@ class Loader:
             raise ValueError(f"shard {shard_id} has {self.shard_size} images, fewer than one batch of {batch_size}")
         self.builds = 0  # pipelines built so far: one per loader, unless an epoch is left unfinished
         self._batches, self._first, self._epoch_now = [], 0, 0  # the plan of the epoch being served
-        self._iterator, self._finished = None, True
+        self._pipe, self._finished = None, True
 
     def _shard_indices(self, epoch):
         """This shard's slice of the epoch's permutation: disjoint across shards, covering all."""
@@ -156,19 +161,17 @@ class Loader:
             raise StopIteration
         index = self._first + info.iteration  # the batch's index in its epoch: resumed runs replay it exactly
         rng = np.random.default_rng([self.seed, self._epoch_now, self.shard_id, index])
-        d = draw_augment(self.augment, len(self._batches[info.iteration]), rng)
+        d = graph_inputs(draw_augment(self.augment, len(self._batches[info.iteration]), rng, self.size), self.size)
         return tuple(d[name] for name in used_draws(self.augment))
 
     def _build(self):
         on_gpu = self.device.type == "cuda"
-        pipe = cifar_graph(
+        self.builds += 1
+        return cifar_graph(
             self._data, self._draws, device="gpu" if on_gpu else "cpu", encoded=self.encoded, augment=self.augment,
             mean=self.mean, std=self.std, batch_size=self.batch_size, num_threads=self.num_threads,
             device_id=(torch.cuda.current_device() if self.device.index is None else self.device.index) if on_gpu else None,
             seed=self.seed, prefetch_queue_depth=2, exec_dynamic=True)
-        self.builds += 1
-        # prepare_first_batch (the default): the constructor already runs the first batch.
-        return DALIGenericIterator(pipe, ["x", "y"], last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
 
     def __iter__(self):
         indices = self._shard_indices(self.epoch)
@@ -177,18 +180,29 @@ class Loader:
         self._batches = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)][self.skip:len(self)]
         self._first, self._epoch_now = self.skip, self.epoch
         self.epoch, self.skip = self.epoch + 1, 0
-        if self._iterator is None or not self._finished:
-            self._iterator = None  # an unfinished epoch's prefetched batches are stale: build anew
-            self._iterator = self._build()
+        if self._pipe is None or not self._finished:
+            self._pipe = None  # an unfinished epoch's prefetched batches are stale: build anew
+            self._pipe = self._build()
         else:
-            self._iterator.reset()  # the plan above is in place: DALI's prefetch for this epoch reads it
+            self._pipe.reset()  # the plan above is in place: DALI's prefetch for this epoch reads it
         self._finished = False
-        return self._handoff(self._iterator)
+        return self._handoff(self._pipe)
 
-    def _handoff(self, batches):
+    def _batches_of(self, pipe):
+        """DALI's (x, y) of each batch of the epoch as torch tensors (DLPack, no copy). On a GPU they are
+        bound to torch's current stream: work queued there after this runs after DALI's, and the host
+        does not wait for DALI."""
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        while True:
+            try:
+                x, y = pipe.run(stream)
+            except StopIteration:  # the source's end of the epoch, once every prefetched batch is out
+                return
+            yield torch.from_dlpack(x.as_tensor()), torch.from_dlpack(y.as_tensor())
+
+    def _handoff(self, pipe):
         keep = _HeldUntilUsed() if self.device.type == "cuda" else None
-        for batch in batches:
-            x, y = batch[0]["x"], batch[0]["y"]
+        for x, y in self._batches_of(pipe):
             # HWC -> NCHW view: the memory stays HWC, which is exactly channels_last.
             x, y = x.permute(0, 3, 1, 2), y.view(-1)
             if keep is not None:  # copy into torch's memory on its stream (and cast): see the module's doc

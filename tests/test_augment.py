@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pipelines.augment import Augment, draw_augment
+from pipelines.augment import Augment, draw_augment, graph_inputs
 
 
 def test_drawn_parameters_follow_the_documented_distributions():
@@ -39,3 +39,29 @@ def test_draws_depend_on_the_generator_only():
 def test_probability_outside_unit_interval(field):
     with pytest.raises(ValueError, match=field):
         Augment(**{field: 1.5})
+
+
+def test_what_the_graph_reads_is_one_inverse_matrix_with_the_flip_and_a_mask_per_image():
+    d = draw_augment(Augment(), 2000, np.random.default_rng(1))
+    g = graph_inputs(d)
+    m, flip = g["matrix"].astype(np.float64), d["flip"].astype(bool)
+    forward = np.concatenate([d["matrix"], np.tile([[[0, 0, 1]]], (2000, 1, 1))], 1).astype(np.float64)
+    mirror = np.array([[-1.0, 0, 32], [0, 1, 0], [0, 0, 1]])
+    for i in range(2000):  # destination -> source: undo the warp, then the mirror where drawn
+        total = forward[i] @ (mirror if flip[i] else np.eye(3))  # forward: flip first, then warp
+        np.testing.assert_allclose(m[i] @ np.vstack([total[:2], [0, 0, 1]]), np.eye(3)[:2], atol=1e-5)
+    neither = ~flip & np.all(np.isclose(d["matrix"], [[1, 0, 0], [0, 1, 0]]), axis=(1, 2))
+    assert neither.any() and (g["matrix"][neither] == np.float32([[1, 0, 0], [0, 1, 0]])).all()  # exactly identity
+    holes = (g["mask"] == 0).sum(axis=(1, 2, 3))
+    assert g["mask"].shape == (2000, 32, 32, 1) and g["mask"].dtype == np.uint8 and set(np.unique(g["mask"])) == {0, 1}
+    assert (holes[d["shape"][:, 0] == 0] == 0).all() and holes.max() == 256  # none where not drawn, 16 x 16 at most
+    centred = (d["anchor"] >= 8).all(1) & (d["anchor"] < 24).all(1) & (d["shape"][:, 0] > 0)
+    assert (holes[centred] == 256).all() and (holes[(d["shape"][:, 0] > 0) & ~centred] < 256).any()  # clipped
+    top, left = np.floor(d["anchor"][centred][0] - 8).astype(int)
+    assert (g["mask"][np.flatnonzero(centred)[0], top:top + 16, left:left + 16] == 0).all()  # where DALI's erase cut
+
+
+def test_the_draws_scale_with_the_image_size():
+    g = graph_inputs(draw_augment(Augment(flip_p=1, ssr_p=0, cutout_p=1), 8, np.random.default_rng(0), size=1), size=1)
+    assert g["mask"].shape == (8, 1, 1, 1)
+    np.testing.assert_array_equal(g["matrix"], np.tile(np.float32([[-1, 0, 1], [0, 1, 0]]), (8, 1, 1)))  # x -> 1 - x

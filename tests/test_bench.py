@@ -52,8 +52,12 @@ def test_quick_cpu_bench_writes_every_figure(tmp_path, monkeypatch, capsys):
     assert res["compile"]["compiled fp32 channels_last"]["compiled"] is False and "disagrees" in report
     assert res["end_to_end"]["model"] == "compiled fp32 channels_last"
     assert 0 < res["costs"]["augment draws"]["ms"] < 50 and res["costs"]["epoch start, DALI raw, cpu"]["reset_ms"] > 0
+    host = res["costs"]["augmentation host cost, cpu"]
+    assert list(host["batches"]) == ["512", "1024", "2048"] and len(host["growth_per_doubling"]) == 2
+    assert all(r["augmented_ms"] > 0 and r["plain_ms"] > 0 for r in host["batches"].values())
+    assert "augmentation host cost, cpu: " in report and "per doubling of the batch" in report
     for section in ("pipeline", "model", "end_to_end", "limit", "costs"):
-        values = list(numbers(res[section]))
+        values = list(numbers({k: v for k, v in res[section].items() if "host cost" not in k}))  # a difference: any sign
         assert values and all(v > 0 for v in values), section
     best_model = max(v["img_per_s"] for k, v in res["model"].items() if k.startswith("train"))
     assert res["end_to_end"]["img_per_s"] <= 1.3 * best_model  # the pipeline cannot make training faster

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from pipelines import MEAN as CIFAR_MEAN, STD as CIFAR_STD, Augment, load_cifar10, make_loader
+from pipelines.augment import draw_augment
 
 MEAN, STD = np.array(CIFAR_MEAN, np.float32), np.array(CIFAR_STD, np.float32)
 NONE = dict(flip_p=0.0, ssr_p=0.0, cutout_p=0.0)
@@ -106,6 +107,47 @@ def test_cutout_p1_zeroes_exactly_one_clipped_square():
             touched_border += 1
         np.testing.assert_allclose(o[~hole], r[~hole], atol=1e-5)  # nothing else changed
     assert touched_border > 0  # clipped squares happen too
+
+
+def bilinear(img, inverse):
+    """img (H, W, C) sampled at inverse @ (x, y, 1) of each destination pixel centre, bilinearly, 0 outside:
+    DALI's convention (pixel centres at k + 0.5), written out in numpy."""
+    h, w, _ = img.shape
+    ys, xs = np.mgrid[0:h, 0:w] + 0.5
+    sx, sy = (inverse[i, 0] * xs + inverse[i, 1] * ys + inverse[i, 2] - 0.5 for i in (0, 1))
+    x0, y0 = np.floor(sx).astype(int), np.floor(sy).astype(int)
+    out = np.zeros(img.shape)
+    for dy, wy in ((0, 1 - (sy - y0)), (1, sy - y0)):
+        for dx, wx in ((0, 1 - (sx - x0)), (1, sx - x0)):
+            yy, xx = y0 + dy, x0 + dx
+            inside = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+            out += (wy * wx * inside)[..., None] * img[yy.clip(0, h - 1), xx.clip(0, w - 1)]
+    return out
+
+
+def reference_augment(images, d):
+    """The original design's recipe on the draws `d`, one image at a time: normalize, flip, warp by the forward
+    matrix (its inverse sampled), then clear the cutout square [floor(centre - side / 2), + side), clipped."""
+    out = []
+    for img, flip, forward, centre, (side, _) in zip(images, d["flip"], d["matrix"], d["anchor"], d["shape"]):
+        x = normalized(img)[:, ::-1] if flip else normalized(img)
+        x = bilinear(x, np.linalg.inv(np.vstack([forward.astype(np.float64), [0, 0, 1]]))[:2])
+        top, left = np.floor(centre - side / 2).astype(int)
+        x[max(top, 0):max(top + int(side), 0), max(left, 0):max(left + int(side), 0)] = 0
+        out.append(x)
+    return np.stack(out)
+
+
+def test_the_graph_gives_the_recipe_as_an_independent_numpy_reference_does():
+    """Each image's flip, shift-scale-rotate and cutout, drawn as the loader draws them, against numpy: the
+    graph folds the flip into one inverse matrix and makes the cutout a multiply, and gives the same images."""
+    images, aug, n = random_images(96, seed=4), Augment(), 96  # all three at p 0.5: every combination occurs
+    ids = np.arange(n)
+    x, y = next(iter(make_loader(images, ids, batch_size=n, train=True, augment=aug, seed=3, device="cpu")))
+    d = draw_augment(aug, n, np.random.default_rng([3, 0, 0, 0]))  # (seed, epoch, shard, batch index)
+    assert d["flip"].any() and (d["shape"][:, 0] > 0).any() and (d["matrix"][:, 0, 1] != 0).any()
+    want = reference_augment(images[y.numpy()], d)  # the batch holds images y, in that order
+    np.testing.assert_allclose(x.permute(0, 2, 3, 1).numpy(), want, atol=2e-4, rtol=0)
 
 
 @pytest.mark.parametrize("which", ["flip_p", "ssr_p", "cutout_p"])
