@@ -12,12 +12,13 @@ from pathlib import Path
 
 import torch
 
-from engine.config import UserError
 from engine.device import setup_env
 from engine.loop import evaluate
-from engine.run import add_run_flags, load_split, load_weights
+from engine.cli import run_main
+from engine.checkpoint import add_run_flags, load_weights
+from engine.run import load_split
 from net import build_model
-from pipelines import CLASSES, DataError, make_loader
+from pipelines import CLASSES, make_loader
 from pipelines.preview import confusion_image, save_png
 
 
@@ -34,8 +35,7 @@ def main(argv=None):
     model = build_model(dropout=cfg.dropout).to(env.device, memory_format=env.memory_format)
     model.load_state_dict(weights)
     images, labels = load_split(cfg, "test")  # the same sample the trainer evaluated
-    loader = make_loader(images, labels, batch_size=cfg.eval_batch_size, train=False, device=env.device, dtype=env.dtype,
-                         memory_format=env.memory_format, seed=cfg.seed, num_threads=env.dali_threads)
+    loader = make_loader(images, labels, batch_size=cfg.eval_batch_size, train=False, **env.loader_args(cfg.seed))
     _, acc, confusion = evaluate(model, loader, env)
     state = ckpt["state"]  # the row this checkpoint was saved at, unless it was saved inside an epoch
     logged = state["history"][-1] if state["history"] and not state["step_in_epoch"] else None
@@ -61,8 +61,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (UserError, DataError) as e:  # one line, no traceback, exit 2
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_main(main))

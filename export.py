@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from engine.config import UserError
-from engine.run import SaveError, add_run_flags, load_weights, write_atomic
+from engine.cli import run_main
+from engine.checkpoint import add_run_flags, load_weights, write_atomic
 from net import build_model
 
 
@@ -50,11 +51,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except SaveError as e:  # a full or read-only disk: one line naming the file
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(run_main(main))

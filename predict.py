@@ -11,8 +11,9 @@ import sys
 import numpy as np
 import torch
 
-from engine.config import UserError
-from engine.run import add_run_flags, load_weights
+from engine.cli import run_main
+from engine.checkpoint import add_run_flags, load_weights
+from engine.device import memory_format
 from net import build_model
 from pipelines import CLASSES, MEAN, SIZE, STD
 
@@ -36,7 +37,8 @@ def main(argv=None):
     parser.add_argument("--top", type=int, default=3, choices=range(1, 11), metavar="K", help="classes shown (default: 3)")
     args = parser.parse_args(argv)
     weights, _, _, cfg = load_weights(args.run, args.checkpoint, args.weights)
-    model = build_model(dropout=cfg.dropout).eval()  # on CPU, fp32: a handful of images
+    layout = memory_format(cfg.channels_last)  # the run's, as it trained
+    model = build_model(dropout=cfg.dropout).eval().to(memory_format=layout)  # on CPU, fp32: a handful of images
     model.load_state_dict(weights)
 
     rows, notes, failed = [], [], 0
@@ -52,7 +54,7 @@ def main(argv=None):
             notes.append(f"note: {path}: {note}")
         x = (torch.from_numpy(pixels).float() - torch.tensor(MEAN)) / torch.tensor(STD)  # as the DALI graph normalizes
         with torch.no_grad():
-            probs = model(x.permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)).softmax(1)[0]
+            probs = model(x.permute(2, 0, 1)[None].contiguous(memory_format=layout)).softmax(1)[0]
         top = probs.topk(args.top)
         rows.append((path, [f"{CLASSES[i]} {p:.1%}" for p, i in zip(top.values.tolist(), top.indices.tolist())]))
     if rows:
@@ -68,8 +70,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as e:  # the run folder: one line, no traceback, exit 2
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_main(main))

@@ -8,6 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from engine.cli import run_main
+from engine.config import UserError
 from engine.results import finished_runs, format_groups, group_runs
 
 
@@ -16,8 +18,7 @@ def main(argv=None):
     parser.add_argument("runs", nargs="?", default="runs", help="the folder of run folders (default: runs)")
     args = parser.parse_args(argv)
     if not Path(args.runs).is_dir():
-        print(f"error: {args.runs} is not a folder of runs; train first (make train), or name the folder", file=sys.stderr)
-        return 2
+        raise UserError(f"{args.runs} is not a folder of runs; train first (make train), or name the folder")
     runs = finished_runs(args.runs)
     if not runs:
         print(f"no finished runs under {args.runs} yet (a run is finished when its summary.json says complete)")
@@ -31,4 +32,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -21,10 +21,12 @@ from engine.convs import choose_convs
 from engine.device import CompileCheck, any_rank, assert_ranks_agree, compile_checked, exit_rank, setup_env
 from engine.log import Logger, NullLogger, plural
 from engine.loop import EMA, NonFiniteLoss, evaluate, make_optimizer, make_schedule, reestimate_batchnorm, train_epoch
-from engine.run import (RunFolderLock, RunState, SaveClock, SaveError, StopSignal, init_from, load_checkpoint, load_split,
-                        rank_failed, restore_run, same_data, save_run)
+from engine.checkpoint import init_from, load_checkpoint
+from engine.cli import run_main
+from engine.run import RunFolderLock, RunState, load_split, rank_failed, restore_run, same_data, save_run
+from engine.stop import SaveClock, StopSignal
 from net import build_model
-from pipelines import CLASSES, DataError, make_loader, subset
+from pipelines import CLASSES, make_loader, subset
 from pipelines.data import fingerprint, pixels
 from pipelines.preview import one_per_class
 
@@ -43,18 +45,11 @@ def parse_config(argv=None):
 # --- data and loaders ---------------------------------------------------------------------------
 
 def make_loaders(cfg, env, train, test):
-    if len(train[1]) // env.world < cfg.batch_size // env.world:
+    if len(train[1]) // env.world < env.batch:
         raise UserError(f"{cfg.data} has {len(train[1])} train images, fewer than one batch of {cfg.batch_size} per "
                         f"step; lower --batch-size, or train on more images")
-    return (make_loader(*train, batch_size=cfg.batch_size // env.world, train=True, augment=augment(cfg),
-                        **loader_args(cfg, env)),
-            make_loader(*test, batch_size=cfg.eval_batch_size, train=False, **loader_args(cfg, env)))
-
-
-def loader_args(cfg, env):
-    """What every loader of the run shares: this rank's shard, on its device, in the model's dtype."""
-    return dict(device=env.device, seed=cfg.seed, shard_id=env.rank, num_shards=env.world, dtype=env.dtype,
-                memory_format=env.memory_format, num_threads=env.dali_threads)
+    return (make_loader(*train, batch_size=env.batch, train=True, augment=augment(cfg), **env.loader_args(cfg.seed)),
+            make_loader(*test, batch_size=cfg.eval_batch_size, train=False, **env.loader_args(cfg.seed)))
 
 
 def short_run(cfg, env, model, train, total):
@@ -65,8 +60,8 @@ def short_run(cfg, env, model, train, total):
         cfg.bn_reestimate = 1000 if total < SHORT else 0
     recalibrate, n = None, min(cfg.bn_reestimate, len(train[1]))
     if n:
-        loader = make_loader(*subset(*train, n, seed=cfg.seed), batch_size=min(cfg.batch_size // env.world, n),
-                             train=False, **loader_args(cfg, env))
+        loader = make_loader(*subset(*train, n, seed=cfg.seed), batch_size=min(env.batch, n), train=False,
+                             **env.loader_args(cfg.seed))
         recalibrate = lambda m=model: reestimate_batchnorm(m, loader, env)  # noqa: E731 (eager models: no new graph)
     if total >= SHORT:
         return recalibrate, None
@@ -122,11 +117,11 @@ def run(cfg, ckpt, notes, env, stop, run_dir):
     if ema and ckpt:
         ema.load_state_dict(ckpt["ema"])
     # Each depthwise conv's implementation, before compiling: the graphs trace what each layer runs.
-    convs = choose_convs(model, env, cfg.conv_impl, batch=cfg.batch_size // env.world)
+    convs = choose_convs(model, env, cfg.conv_impl, batch=env.batch)
     compile_check = CompileCheck(model, compiled=False)
     if cfg.compile:  # both graphs (eval, train) built and checked here, not inside epoch 1
         compile_check = compile_checked(model, env, eval_batch=min(cfg.eval_batch_size, test_loader.shard_size),
-                                        train_batch=cfg.batch_size // env.world, mode=cfg.compile_mode)
+                                        train_batch=env.batch, mode=cfg.compile_mode)
     train_model = torch.nn.parallel.DistributedDataParallel(compile_check.model) if env.ddp else compile_check.model
     recalibrate, short = short_run(cfg, env, model, train, schedule.total)
 
@@ -207,15 +202,7 @@ def finish_epoch(cfg, env, model, test_loader, schedule, state, epoch, recalibra
 
 
 if __name__ == "__main__":
-    try:
-        code = main()
-    except (UserError, DataError) as e:  # the user's to fix: one line, no traceback, exit 2
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        code = 2
-    except SaveError as e:  # a full or read-only disk: what failed and where; the last good checkpoint stays
-        print(f"\nerror: {e}; make room (or fix the folder), then resume the run", file=sys.stderr)
-        code = 1
+    code = run_main(main, save_advice="; make room (or fix the folder), then resume the run")
     if "RANK" in os.environ:
         exit_rank(code)
     sys.exit(code)

@@ -25,7 +25,6 @@ bench/report.py (5, the table, TensorBoard); bench/timing.py takes every figure.
 import argparse
 import datetime
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,15 +32,15 @@ import torch
 
 from engine.config import Config, UserError, resolve
 from engine.device import setup_env
-from engine.run import run_facts, write_atomic, write_json
-from pipelines import DataError
+from engine.checkpoint import write_atomic, write_json
+from engine.cli import run_main
+from engine.run import ROOT, run_facts
 
 from .model import bench_end_to_end, bench_limit, bench_model, model_variants, prepare_model
 from .pipelines import (bench_albumentations, bench_dali, bench_data, bench_draws, bench_epoch_start,
                         bench_host_cost, bench_torch_augment)
 from .report import accuracy, figure, table, write_tensorboard
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv=None):
@@ -62,11 +61,7 @@ def main(argv=None):
     if args.batch_size is not None and args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
     args.out = args.out or str(ROOT / "bench" / "results" / ("quick" if args.quick else ""))
-    try:
-        return run(args)
-    except (UserError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_main(lambda _: run(args))
 
 
 def run(args):

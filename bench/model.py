@@ -10,7 +10,7 @@ import torch
 
 from engine.config import augment
 from engine.convs import choose_convs
-from engine.device import compile_checked
+from engine.device import compile_checked, memory_format
 from engine.loop import make_optimizer, make_schedule, train_epoch, train_step
 from net import build_model, count_macs
 from net.model import activation_elements
@@ -56,7 +56,8 @@ def prepare_model(cfg, env, key, results):
     v = model_variants(cfg.device)[key]
     variant_env = dataclasses.replace(env, dtype=v.dtype, autocast=env.autocast if v.dtype == torch.bfloat16
                                       else contextlib.nullcontext,
-                                      memory_format=torch.channels_last if v.channels_last else torch.contiguous_format)
+                                      memory_format=memory_format(v.channels_last),
+                                      batch=cfg.batch_size)
     torch.manual_seed(cfg.seed)
     model = build_model(dropout=cfg.dropout).to(cfg.device, memory_format=variant_env.memory_format)
     choice = choose_convs(model, variant_env, v.convs, batch=cfg.batch_size)
@@ -72,8 +73,7 @@ def prepare_model(cfg, env, key, results):
 
 def synthetic_batches(device, batch, dtype, channels_last, k=4):
     """k distinct device-resident batches, cycled: nothing measured from a single cached input."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return [(torch.randn(batch, 3, 32, 32, device=device).to(dtype).contiguous(memory_format=fmt),
+    return [(torch.randn(batch, 3, 32, 32, device=device).to(dtype).contiguous(memory_format=memory_format(channels_last)),
              torch.randint(0, 10, (batch,), device=device)) for _ in range(k)]
 
 
@@ -114,8 +114,8 @@ def bench_end_to_end(cfg, model, env, images, labels, timing):
     """
     model.train()
     optimizer = make_optimizer(cfg, model)
-    loader = make_loader(images, labels, batch_size=cfg.batch_size, train=True, augment=augment(cfg), device=cfg.device,
-                         dtype=env.dtype, memory_format=env.memory_format, num_threads=env.dali_threads)
+    loader = make_loader(images, labels, batch_size=cfg.batch_size, train=True, augment=augment(cfg),
+                         **env.loader_args(cfg.seed))
     schedule = make_schedule(cfg, optimizer, len(loader))
 
     def epoch():

@@ -4,11 +4,10 @@ section: the newest training run's summary.json, and every finished run grouped 
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 from engine.results import finished_runs, format_groups, group_runs
+from engine.run import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def accuracy(train_first, data, device):

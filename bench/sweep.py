@@ -31,9 +31,10 @@ from pathlib import Path
 from engine.config import Config, UserError, check, flag, flag_parser, resolve
 from engine.device import idle_cores
 from engine.results import PER_RUN, group_runs, markdown_table, number
-from engine.run import write_atomic, write_json
+from engine.run import ROOT
+from engine.checkpoint import write_atomic, write_json
+from engine.cli import run_main
 
-ROOT = Path(__file__).resolve().parents[1]
 SWEEPS_OWN = ("seed", "runs", "name", "resume")  # flags the sweep sets for each run
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")  # a variant's name is part of its runs' folder names
 
@@ -281,14 +282,9 @@ def main(argv=None):
     parser.add_argument("--budget-s", type=float, default=None, help="past this many seconds, the running runs save "
                         "and stop, and the sweep reports what it has (default: no limit)")
     args = parser.parse_args(argv)
-    try:
-        if args.parallel < 1 or args.budget_s is not None and args.budget_s < 0:
-            raise UserError("--parallel is at least 1 and --budget-s at least 0")
-        plan = read_plan(args.plan, args.runs)
-        return Sweep(plan, args.runs, args.parallel, args.budget_s).run()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.parallel < 1 or args.budget_s is not None and args.budget_s < 0:
+        parser.error("--parallel is at least 1 and --budget-s at least 0")
+    return run_main(lambda _: Sweep(read_plan(args.plan, args.runs), args.runs, args.parallel, args.budget_s).run())
 
 
 if __name__ == "__main__":

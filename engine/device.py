@@ -26,6 +26,7 @@ class Env:
     rank: int = 0
     world: int = 1
     ddp: bool = False
+    batch: int = None  # this rank's share of the global train batch (--batch-size): images per step here
     threads: int = None  # torch's intra-op CPU threads (None: as torch set them)
     dali_threads: int = 1  # DALI's CPU threads: its CPU operators, and on a GPU the CPU side of the graph
     threads_why: str = ""  # how the counts were chosen, for the start line
@@ -47,6 +48,16 @@ class Env:
     def sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def loader_args(self, seed):
+        """What every loader of a run shares: this rank's shard, on its device, in the model's dtype and layout."""
+        return dict(device=self.device, seed=seed, shard_id=self.rank, num_shards=self.world, dtype=self.dtype,
+                    memory_format=self.memory_format, num_threads=self.dali_threads)
+
+
+def memory_format(channels_last):
+    """The layout a run asks for (--channels-last / --no-channels-last): of the model and of its batches."""
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def setup_env(cfg):
@@ -73,8 +84,8 @@ def setup_env(cfg):
     why = f"{cores} cores, {idle} idle at start" + (f", {local_world} ranks on this machine" if local_world > 1 else "")
     return Env(device=torch.device(f"cuda:{local}" if cuda else "cpu"), autocast=bf16_autocast if cuda else contextlib.nullcontext,
                dtype=torch.bfloat16 if cuda else torch.float32,
-               memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format,
-               rank=rank, world=world, ddp=ddp, threads=threads,
+               memory_format=memory_format(cfg.channels_last), rank=rank, world=world, ddp=ddp,
+               batch=cfg.batch_size // world if cfg.batch_size else None, threads=threads,
                dali_threads=dali_threads, threads_why=why + (", --threads given" if cfg.threads else ""))
 
 

@@ -19,7 +19,8 @@ from net.model import train_memory_bytes
 from pipelines import CLASSES
 
 from .config import SHORT_RUN, SHORT_RUN_RESULT, augment
-from .run import run_facts, write_json
+from .checkpoint import write_json
+from .run import run_facts
 
 STEP_TAGS = {"loss": "loss/train_step", "acc": "accuracy/train_step", "lr": "lr/step", "img_per_s": "throughput/step_img_per_s"}
 EPOCH_TAGS = {"train_loss": "loss/train", "test_loss": "loss/test", "train_acc": "accuracy/train", "test_acc": "accuracy/test",
@@ -45,7 +46,7 @@ class Logger:
                       "compile_s": check.seconds, "compile_graphs": check.graphs, "compile_error": check.error,
                       "eager_error": check.eager_error, "convs": convs.impl, "conv_errors": convs.errors,
                       "conv_ms": convs.ms, "train_images": sizes[0], "test_images": sizes[1]}
-        self.memory = train_memory_bytes(model, cfg.batch_size // env.world)
+        self.memory = train_memory_bytes(model, env.batch)
         self.writer = SummaryWriter(run_dir, flush_secs=10)  # curves show up while the first epoch runs
         print(f"device: {self.facts['device']} x {env.world}, {env.precision_and_layout}, params {self.facts['params']:,}, "
               f"{steps_per_epoch} steps/epoch of {cfg.batch_size}, {self.total} steps in all"

@@ -1,20 +1,17 @@
-"""Around a run: files written atomically, checkpoints read with weights_only, the run's state,
-the run-folder lock, the data check on resume, Ctrl-C and SIGTERM (`StopSignal`), when to save
-inside an epoch (`SaveClock`), and the facts stored beside every result (`run_facts`)."""
+"""The run itself: its data (`load_split`), its state (`RunState`, saved in every checkpoint) and how it
+is saved and restored (`save_run`, `restore_run`), the lock on its folder, the data check on resume,
+a rank's failure under torchrun, and the facts stored beside every result (`run_facts`).
+
+`ROOT`, the checkout, is defined here for the whole project."""
 import dataclasses
 import fcntl
-import json
 import math
 import os
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 import traceback
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,89 +19,10 @@ import torch
 
 from pipelines import load_cifar10, subset, synthetic_cifar
 
-from .config import Config, UserError
+from .checkpoint import UMASK, save_checkpoint
+from .config import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-# --- files: atomic writes, checkpoints read with weights_only -----------------------------------
-
-UMASK = os.umask(0o022)
-os.umask(UMASK)  # read once: os.umask can only be read by setting it
-
-
-class SaveError(Exception):
-    """A file could not be written (a full or read-only disk): one line naming it; the previous
-    version of it, if any, is intact."""
-
-
-def write_atomic(path, write):
-    """`write(tmp)` to a temporary name beside `path`, then rename: never a half-written file.
-
-    The file gets the mode any new file of the user's would (mkstemp's temporary is 0600). Any
-    OSError (no space, read-only, permissions) becomes a SaveError, with no temporary left behind."""
-    path, tmp = Path(path), None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        os.close(fd)
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~UMASK)
-        os.replace(tmp, path)
-    except OSError as e:
-        kept = f"; the previous {path.name} is intact" if path.exists() else ""
-        raise SaveError(f"could not write {path} ({e.strerror or type(e).__name__}){kept}") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def save_checkpoint(obj, path):
-    write_atomic(path, lambda tmp: torch.save(obj, tmp))
-
-
-def write_json(obj, path):
-    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2)))
-
-
-CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "rng_cpu", "state", "config"}
-
-
-def load_checkpoint(path, fix="pass a run folder that train.py wrote, or start a new run without --resume"):
-    """A checkpoint this project wrote, read with weights_only=True (tensors and plain data only).
-
-    Anything else raises UserError: one line naming the file and `fix`, what to do.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no checkpoint at {path}; {fix}")
-    if path.stat().st_size == 0:
-        raise UserError(f"{path} is empty (0 bytes), not a checkpoint; {fix}")
-    try:
-        with warnings.catch_warnings():  # torch warns about odd pickle protocols: the error below says it all
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # torch's own messages run to many lines: name the kind of problem
-        why = "not a readable torch.save file"
-        if unsafe_globals(path):  # classes or functions the file would import: refused unread
-            why = "it holds objects other than tensors and plain data, refused unread"
-        raise UserError(f"{path}: {why}; {fix}") from None
-    if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= set(ckpt):
-        raise UserError(f"{path} is not a checkpoint of this project (no model, optimizer and config); {fix}")
-    unknown = set(ckpt["config"]) - {f.name for f in dataclasses.fields(Config)}
-    if unknown:
-        raise UserError(f"{path} was written by another version (unknown settings {sorted(unknown)}); {fix}")
-    if {"epoch", "step_in_epoch", "step", "history", "partial"} - set(ckpt["state"]):  # later fields have defaults
-        raise UserError(f"{path} was written by an older train.py; {fix}")
-    return ckpt
-
-
-def unsafe_globals(path):
-    """The classes and functions a torch.save file names beyond what weights_only allows ([] when
-    it is not a torch.save file at all): read from the file's opcodes, nothing executed."""
-    try:
-        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:
-        return []
 
 
 def load_split(cfg, split):
@@ -177,6 +95,17 @@ def save_run(path, model, optimizer, schedule, state, cfg, env, data=None, ema=N
                      "ema": ema.state_dict() if ema else None}, path)
 
 
+def restore_run(ckpt, model, optimizer, schedule, env):
+    """Weights, optimizer moments, schedule position and RNG as saved; returns the RunState."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    schedule.load_state_dict(ckpt["scheduler"])
+    torch.set_rng_state(ckpt["rng_cpu"])
+    if env.device.type == "cuda" and ckpt.get("rng_cuda") is not None:
+        torch.cuda.set_rng_state(ckpt["rng_cuda"], env.device)
+    return RunState(**ckpt["state"])
+
+
 def same_data(saved, now, cfg):
     """None when the train data matches the run's saved fingerprint; a note when it differs and
     --allow-other-data says so; otherwise a one-line UserError. Checkpoints from before
@@ -233,60 +162,6 @@ class RunFolderLock:
         os.close(self.fd)  # the lock goes with the file descriptor
 
 
-def add_run_flags(parser):
-    """The flags every script that reads a run back takes: the run folder, which checkpoint, which weights."""
-    parser.add_argument("run", help="a run folder that train.py wrote (runs/<name>)")
-    parser.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint (default: best)")
-    parser.add_argument("--weights", choices=["raw", "ema"], help="the trained weights or, for --ema runs, their "
-                        "average (default: those best.pt marks as best; last.pt's raw ones)")
-
-
-def load_weights(run_dir, which="best", weights=None, flag="the run"):
-    """(state_dict, label, checkpoint, Config) of `run_dir`'s best.pt or last.pt, for what comes
-    after training: evaluation, prediction, export, fine-tuning. `weights`: "raw" or "ema" (the
-    moving average of --ema runs); None takes those best.pt marks as best, and last.pt's raw
-    ones. One-line UserError for anything else."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"{flag} {run_dir} is not a folder; pass a run folder that train.py wrote (runs/<name>)")
-    ckpt = load_checkpoint(run_dir / f"{which}.pt", fix="pass a run folder that train.py wrote (runs/<name>)")
-    weights = weights or (ckpt["state"].get("best_weights", "raw") if which == "best" else "raw")
-    if weights == "ema" and not ckpt.get("ema"):
-        raise UserError(f"{run_dir / f'{which}.pt'} holds no weight average (the run had no --ema); use its raw weights")
-    return (ckpt["ema"]["model"] if weights == "ema" else ckpt["model"]), weights, ckpt, Config(**ckpt["config"])
-
-
-def init_from(model, run_dir):
-    """Load another run's best weights into `model` (fine-tuning): a note saying which, or a
-    one-line UserError when they do not fit it (checked tensor by tensor, before loading)."""
-    theirs, weights, ckpt, _ = load_weights(run_dir, "best", flag="--init-from")
-    mine = model.state_dict()
-    misfits = [k for k in sorted(set(mine) | set(theirs)) if k not in mine or k not in theirs or mine[k].shape != theirs[k].shape]
-    if misfits:
-        k = misfits[0]
-        shapes = " against ".join(str(tuple(d[k].shape)) if k in d else "none" for d in (theirs, mine))
-        more = f", and {len(misfits) - 1} more" if len(misfits) > 1 else ""
-        raise UserError(f"--init-from {run_dir}: its weights do not fit this model ({k}: {shapes}{more}); "
-                        f"start from a run of this model")
-    model.load_state_dict(theirs)
-    state = ckpt["state"]
-    row = state["history"][-1] if state["history"] else None  # best.pt is saved at the end of its epoch
-    return (f"starting from {run_dir}/best.pt" + (f" (epoch {row['epoch']}, test accuracy {state['best_acc']:.2%}"
-                                                  f"{', the weight average' if weights == 'ema' else ''})" if row else "")
-            + "; the optimizer and the schedule start fresh")
-
-
-def restore_run(ckpt, model, optimizer, schedule, env):
-    """Weights, optimizer moments, schedule position and RNG as saved; returns the RunState."""
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    schedule.load_state_dict(ckpt["scheduler"])
-    torch.set_rng_state(ckpt["rng_cpu"])
-    if env.device.type == "cuda" and ckpt.get("rng_cuda") is not None:
-        torch.cuda.set_rng_state(ckpt["rng_cuda"], env.device)
-    return RunState(**ckpt["state"])
-
-
 def rank_failed(error, env, run_dir):
     """Under torchrun, an error one rank meets (most often a collective failing because another rank
     died): one line per rank, the whole traceback kept in a file rather than interleaved with the
@@ -298,93 +173,6 @@ def rank_failed(error, env, run_dir):
     print(f"\nerror: rank {env.rank}: {type(error).__name__}: {first}; traceback in {path}. If another rank died, "
           f"torchrun names it below; the last checkpoint is kept: resume the job with --resume", file=sys.stderr)
     return 1
-
-
-# --- stopping on request --------------------------------------------------------------------------
-
-class StopSignal:
-    """Ctrl-C and SIGTERM, handled the way a long job should be.
-
-    Once `arm()`ed (training), the first signal prints a notice at once and sets `requested`:
-    the loop finishes its step and the trainer saves and exits 130 (143 for SIGTERM). A second
-    signal quits at once with that code; the last checkpoint, written atomically, stays good.
-    Before `arm()` (loading data, compiling) there is nothing to save, and the first quits.
-
-    Python runs signal handlers only between bytecodes, so a handler would wait for a long C++
-    call (a 12 s backward pass on CPU) to return. The C-level handler writes every signal to a
-    wake-up socket at once, and a watcher thread acts on it from there. `with StopSignal() as stop:`
-    puts the process's own handling back at the end (`close()`).
-    """
-
-    def __init__(self, out=sys.stderr):
-        self.signum, self.armed, self.out = None, False, out
-        self.before_quit = None  # called before quitting when nothing was saved (a run folder to take back)
-        reader, writer = socket.socketpair()
-        writer.setblocking(False)
-        wakeup_fd = signal.set_wakeup_fd(writer.fileno())  # the main thread only, as for signal.signal
-        # The watcher acts; a do-nothing handler keeps Python's C handler in place.
-        handlers = {s: signal.signal(s, lambda signum, frame: None) for s in (signal.SIGINT, signal.SIGTERM)}
-        self._previous, self._writer = (wakeup_fd, handlers), writer  # the socket kept alive with self
-        threading.Thread(target=self._watch, args=(reader,), daemon=True, name="stop-signal").start()
-
-    @property
-    def requested(self):
-        return self.signum is not None
-
-    @property
-    def exit_code(self):  # a DDP rank stopped by another rank's signal exits as if sent SIGTERM
-        return 128 + (self.signum or signal.SIGTERM)
-
-    def arm(self):
-        self.armed = True
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def close(self):
-        """Put back the handlers found at the start, and end the watcher: the process is as it was (a run
-        inside a longer-lived process, as the tests run it)."""
-        wakeup_fd, handlers = self._previous
-        signal.set_wakeup_fd(wakeup_fd)
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-        self._writer.close()  # the watcher reads the end of its socket, and returns
-
-    def _watch(self, reader):
-        with reader:
-            while data := reader.recv(1):  # empty once close() shuts the other end
-                signum = data[0]
-                if signum not in (signal.SIGINT, signal.SIGTERM):
-                    continue  # another handler's signal (SIGCHLD, say) shares the socket
-                if self.armed and self.signum is None:
-                    self.signum = signum
-                    print("\nstopping after this step (Ctrl-C again to quit now)", file=self.out, flush=True)
-                    continue
-                what = "quitting now; the last checkpoint is kept" if self.armed else "interrupted before training; nothing saved"
-                if not self.armed and self.before_quit is not None:
-                    self.before_quit()
-                print(f"\n{what}", file=self.out, flush=True)
-                os._exit(128 + signum)  # from this thread: the main one may be inside a long C++ call
-
-
-class SaveClock:
-    """What the trainer hands train_epoch as `stop`: asks it to return after a stop request, or once
-    `every_s` seconds have passed since the last checkpoint (`saved()`), so that a kill -9 loses
-    at most that long."""
-
-    def __init__(self, stop, every_s):
-        self.stop, self.every_s = stop, every_s
-        self.saved()
-
-    def saved(self):
-        self.due_at = time.monotonic() + self.every_s
-
-    @property
-    def requested(self):
-        return self.stop.requested or time.monotonic() >= self.due_at
 
 
 # --- what a result records ---------------------------------------------------------------------

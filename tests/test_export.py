@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import export as export_script
-from engine.run import SaveError, load_weights
+from engine.checkpoint import SaveError, load_weights
 from net import build_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ from net import build_model
 def started(tmp_path, capsys):
     """A Logger started as train.py starts it, for a CPU run of 2 epochs of 100 steps of 16; its output so far."""
     cfg = resolve(Config(smoke=True, epochs=2, cutout_p=0.0, runs=str(tmp_path), name="run"))
-    env = Env(device=torch.device("cpu"), threads=2, threads_why="2 cores, 2 idle at start")
+    env = Env(device=torch.device("cpu"), batch=cfg.batch_size, threads=2, threads_why="2 cores, 2 idle at start")
     model = build_model()
     schedule = make_schedule(cfg, make_optimizer(cfg, model), 100)
     log = Logger(cfg, env)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.run import load_weights
+from engine.checkpoint import load_weights
 from net import build_model
 from pipelines import CLASSES, make_loader, synthetic_cifar
 
