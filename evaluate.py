@@ -38,7 +38,7 @@ def main(argv=None):
     loader = make_loader(images, labels, batch_size=cfg.eval_batch_size, train=False, **env.loader_args(cfg.seed))
     _, acc, confusion = evaluate(model, loader, env)
     state = ckpt["state"]  # the row this checkpoint was saved at, unless it was saved inside an epoch
-    logged = state["history"][-1] if state["history"] and not state["step_in_epoch"] else None
+    logged = state["history"][-1] if state["history"] and state["history"][-1]["step"] == state["step"] else None
     where = f"epoch {logged['epoch']}, step {logged['step']}" if logged else f"step {state['step']}, inside an epoch"
     print(f"{args.run}/{args.checkpoint}.pt, {'the weight average' if which == 'ema' else 'its weights'} ({where}), "
           f"{len(labels):,} test images"

@@ -32,14 +32,14 @@ from pipelines.preview import one_per_class
 
 
 def parse_config(argv=None):
-    """(Config, checkpoint or None, notes): the flags, or a resumed run's saved settings and checkpoint."""
+    """(Config, checkpoint or None, notes, the flags typed): the flags, or a resumed run's saved settings and checkpoint."""
     given = vars(flag_parser(__doc__.splitlines()[0]).parse_args(argv))  # syntax errors: argparse's usage, exit 2
     if "resume" not in given:
-        return check(resolve(Config(**given))), None, []
+        return check(resolve(Config(**given))), None, [], given
     run_dir = Path(given.pop("resume"))
     ckpt = load_checkpoint(run_dir / "last.pt")  # read once, here
     cfg, notes = resumed(ckpt["config"], given, run_dir)
-    return cfg, ckpt, notes
+    return cfg, ckpt, notes, given
 
 
 # --- data and loaders ---------------------------------------------------------------------------
@@ -74,14 +74,16 @@ def short_run(cfg, env, model, train, total):
 # --- the run ------------------------------------------------------------------------------------
 
 def main(argv=None):
-    cfg, ckpt, notes = parse_config(argv)  # 1. configuration, and a resumed run's checkpoint, read once
-    if ckpt and RunState(**ckpt["state"]).complete(cfg):
-        state = ckpt["state"]
-        print(f"run already complete: {cfg.resume} ({state['epoch']}/{cfg.epochs} epochs, {state['step']} steps); "
-              f"raise --epochs (or --max-steps) to train further")
+    cfg, ckpt, notes, typed = parse_config(argv)  # 1. configuration, and a resumed run's checkpoint, read once
+    done = RunState(**ckpt["state"]).limit_reached(cfg) if ckpt else None
+    if done:
+        print(f"run already complete: {cfg.resume} ended at its {done}; raise {done.split()[0]} to train further")
         return 0
     with StopSignal() as stop:  # Ctrl-C quits at once while loading; once armed, it stops after a step
-        env = setup_env(cfg)  # 2. device, precision, ranks
+        # 2. device, precision, ranks, threads. A resume keeps the run's thread count: float sums differ across
+        # counts, and only the same count ends on the uninterrupted run's weights bit for bit.
+        env = setup_env(cfg, threads_kept=bool(ckpt) and cfg.threads is not None and "threads" not in typed)
+        cfg.threads = env.threads  # saved with the run
         run_dir = Path(cfg.runs) / cfg.name
         lock = RunFolderLock(run_dir) if env.master else None  # a second process on this folder is refused here
         stop.before_quit = lock and lock.abandon
@@ -136,44 +138,42 @@ def run(cfg, ckpt, notes, env, stop, run_dir):
         picks = one_per_class(test[1], cfg.seed)
         log.augmentations(pixels(test[0], picks), [CLASSES[c] for c in test[1][picks]])
     clock = SaveClock(stop, cfg.checkpoint_every * 60)  # what ends a part of an epoch: a stop, or a checkpoint due
-    resuming = ckpt is not None  # until the first part is done
-    while state.step < schedule.total:  # 5. the epochs (the last may be cut short by --max-steps)
-        epoch, first = state.epoch, state.step - state.step_in_epoch  # first: the epoch's first step in the run
-        end = min(steps_per_epoch, state.step_in_epoch + schedule.total - state.step)
-        while state.step_in_epoch < end:  # the epoch, in parts
-            start = state.step_in_epoch
-            train_loader.set_epoch(epoch, skip=start)
-            try:
-                part = train_epoch(train_model, optimizer, train_loader, env, schedule=schedule, ema=ema, log_every=cfg.log_every,
-                                   label_smoothing=cfg.label_smoothing, start=start, stop_at=end, stop=clock,
-                                   log=lambda step, m: log.step(epoch, first + step, m))
-            except NonFiniteLoss as e:
-                return log.error(f"non-finite loss at epoch {epoch + 1}, step {e.step + 1}; stopped. The last good "
-                                 f"checkpoint is {run_dir / 'last.pt'} (try a lower --lr)")
-            state.add_part(part, start, first, resumed=resuming)
-            resuming = False
-            if part["end"] < end:  # a stop, or a checkpoint due, inside the epoch: save it as it is
-                save("last.pt")
-                clock.saved()
-                if any_rank(stop.requested, env):  # every rank stops here, or none does
-                    return log.stopped(state, stop, f"epoch {epoch + 1}, step {part['end']}")
-        row, confusion, improved = finish_epoch(cfg, env, compile_check.model, test_loader, schedule, state, epoch,
-                                                recalibrate, ema)
-        save("last.pt")
+    resuming, confusion = ckpt is not None, None  # resuming: until the first part is done
+    while state.step < schedule.total:  # 5. the run in parts: to its epoch's end or the run's, or a stop or save
+        epoch, first = state.epoch, state.first_step
+        start, end = state.next_part(steps_per_epoch, schedule.total)
+        train_loader.set_epoch(epoch, skip=start)
+        try:
+            part = train_epoch(train_model, optimizer, train_loader, env, schedule=schedule, ema=ema, log_every=cfg.log_every,
+                               label_smoothing=cfg.label_smoothing, start=start, stop_at=end, stop=clock,
+                               log=lambda step, m: log.step(epoch, first + step, m))
+        except NonFiniteLoss as e:
+            log.error(f"non-finite loss at epoch {epoch + 1}, step {e.step + 1}; stopped. The last good checkpoint is "
+                      f"{run_dir / 'last.pt'} (try a lower --lr)")
+            return 1
+        state.add_part(part, start, resumed=resuming)
+        resuming, improved = False, False
+        if part["end"] == end:  # the epoch's end, or the run's inside it (--max-steps): evaluate
+            row, confusion, improved = finish_epoch(cfg, env, compile_check.model, test_loader, schedule, state, epoch,
+                                                    whole=end == steps_per_epoch, recalibrate=recalibrate, ema=ema)
+        save("last.pt")  # wherever the part ended: a stop, a checkpoint due, or an epoch's end
         clock.saved()
         if improved:
             save("best.pt")
-        log.epoch(row, state)
-        if any_rank(stop.requested, env) and state.step < schedule.total:
-            return log.stopped(state, stop, f"the end of epoch {epoch + 1}")
+        if part["end"] == end:
+            log.epoch(row, state)
+        if any_rank(stop.requested, env) and state.step < schedule.total:  # every rank stops here, or none does
+            log.stopped(state, f"epoch {epoch + 1}, step {part['end']}" if part["end"] < end else f"the end of epoch {epoch + 1}")
+            return stop.exit_code
     tta = evaluate(compile_check.model, test_loader, env, tta=True)[1] if cfg.tta else None  # beside, not instead
     log.finish(state, confusion, tta)
     return 0
 
 
-def finish_epoch(cfg, env, model, test_loader, schedule, state, epoch, recalibrate=None, ema=None):
+def finish_epoch(cfg, env, model, test_loader, schedule, state, epoch, whole=True, recalibrate=None, ema=None):
     """Reduce the epoch's totals over ranks, [re-estimate BatchNorm,] evaluate (the weights' average
-    too, with --ema), step a per-epoch schedule, record the epoch in `state`: (row, confusion, improved)."""
+    too, with --ema), step a per-epoch schedule, record the epoch in `state` (`whole` False: the run
+    ended inside it): (row, confusion, improved)."""
     p = state.partial
     totals = torch.tensor([p["loss_sum"], p["correct"], p["images"]], dtype=torch.float64, device=env.device)
     t_eval = time.perf_counter()
@@ -190,14 +190,15 @@ def finish_epoch(cfg, env, model, test_loader, schedule, state, epoch, recalibra
         if recalibrate:
             recalibrate(ema.model)
         averaged["ema_test_loss"], averaged["ema_test_acc"], _ = evaluate(ema.model, test_loader, env)
-    schedule.after_eval(test_loss)
+    if whole:  # a per-epoch schedule steps at epochs' ends
+        schedule.after_eval(test_loss)
     eval_s = time.perf_counter() - t_eval
     if env.ddp:
         assert_ranks_agree(model)
     row = {"epoch": epoch + 1, "step": state.step, "lr": schedule.lr, "train_loss": loss_sum / images,
            "train_acc": correct / images, "test_loss": test_loss, "test_acc": test_acc, **averaged,
            "img_per_s": images / p["seconds"], "epoch_s": p["seconds"] + eval_s}
-    improved = state.end_epoch(row, eval_s, cfg.target_acc)
+    improved = state.end_epoch(row, eval_s, cfg.target_acc, whole=whole)
     return row, confusion, improved
 
 

@@ -60,8 +60,10 @@ def memory_format(channels_last):
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def setup_env(cfg):
-    """Device, precision and ranks for `cfg.device` ("cuda" or "cpu"); torchrun's variables mean DDP."""
+def setup_env(cfg, threads_kept=False):
+    """Device, precision and ranks for `cfg.device` ("cuda" or "cpu"); torchrun's variables mean DDP.
+
+    threads_kept: `cfg.threads` is a resumed run's own count, not one given now (the start line says which)."""
     ddp, cuda = "RANK" in os.environ, cfg.device == "cuda"
     rank, world, local = 0, 1, 0
     if ddp:
@@ -86,7 +88,8 @@ def setup_env(cfg):
                dtype=torch.bfloat16 if cuda else torch.float32,
                memory_format=memory_format(cfg.channels_last), rank=rank, world=world, ddp=ddp,
                batch=cfg.batch_size // world if cfg.batch_size else None, threads=threads,
-               dali_threads=dali_threads, threads_why=why + (", --threads given" if cfg.threads else ""))
+               dali_threads=dali_threads, threads_why=why + (", the run's own count, kept on resume (--threads changes it)"
+                                                             if threads_kept else ", --threads given" if cfg.threads else ""))
 
 
 def any_rank(flag, env):

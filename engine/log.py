@@ -98,7 +98,8 @@ class Logger:
                        f"acc {row['train_acc']:6.2%} | test loss {row['test_loss']:.3f} acc {row['test_acc']:6.2%} | "
                        + (f"ema acc {row['ema_test_acc']:6.2%} | " if "ema_test_acc" in row else "")
                        + f"lr {row['lr']:.2e} | {row['img_per_s']:8,.0f} img/s | {row['epoch_s']:5.1f} s"
-                       + (f" (resumed at step {row['resumed_at_step']})" if "resumed_at_step" in row else ""))
+                       + (f" (resumed at step {row['resumed_at_step']})" if "resumed_at_step" in row else "")
+                       + (f" (the run's end, step {row['step']}, inside the epoch)" if row.get("partial") else ""))
 
     def summary(self, state, complete, tta=None):
         h = state.history
@@ -141,28 +142,20 @@ class Logger:
         for summary in hparams(settings, {"accuracy/test": None, "accuracy/best_test": None}):
             self.writer.file_writer.add_summary(summary)
 
-    def stopped(self, state, stop, where):
+    def stopped(self, state, where):
         self.bar.close()
         self.writer.close()
         self.summary(state, complete=False)
         print(f"stopped at {where}, saved; continue with: {resume_command(self.run_dir)}", file=sys.stderr)
-        return stop.exit_code
 
     def error(self, message):
         self.bar.close()
         self.writer.close()
         print(f"error: {message}", file=sys.stderr)
-        return 1
 
 
 class NullLogger:
-    """Ranks other than 0 log nothing: every Logger method, doing nothing (and the same exit codes)."""
-
-    def stopped(self, state, stop, where):
-        return stop.exit_code
-
-    def error(self, message):
-        return 1
+    """Ranks other than 0 log nothing: every Logger method, doing nothing."""
 
     def __getattr__(self, name):
         return lambda *args, **kwargs: None

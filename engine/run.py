@@ -5,7 +5,6 @@ a rank's failure under torchrun, and the facts stored beside every result (`run_
 `ROOT`, the checkout, is defined here for the whole project."""
 import dataclasses
 import fcntl
-import math
 import os
 import socket
 import subprocess
@@ -40,9 +39,13 @@ def load_split(cfg, split):
 @dataclass
 class RunState:
     """Where a run is and what it has measured. Passed explicitly (the trainer changes it, the
-    logger reads it) and saved in every checkpoint as plain data, so a resume continues exactly."""
-    epoch: int = 0  # epochs finished
-    step_in_epoch: int = 0  # steps done in the current epoch (a run stopped mid-epoch)
+    logger reads it) and saved in every checkpoint as plain data, so a resume continues exactly.
+
+    The trainer runs in parts: from where the run is (`next_part`) to its epoch's end, or to the
+    run's end inside it, or to a stop or a checkpoint due; each part is added (`add_part`), and an
+    epoch's end, or the run's, is recorded with its evaluation (`end_epoch`)."""
+    epoch: int = 0  # whole epochs finished (one the run ended inside, at --max-steps, is not)
+    step_in_epoch: int = 0  # steps done in the current epoch (a run stopped or ended inside one)
     step: int = 0  # optimizer steps in all
     best_acc: float = 0.0
     history: list = field(default_factory=list)  # a row per finished epoch
@@ -53,23 +56,39 @@ class RunState:
     partial: dict = None  # the current epoch's totals so far, across a stop and resume
     best_weights: str = "raw"  # which weights gave best_acc: "raw", or "ema" (their moving average)
 
-    def complete(self, cfg):
-        return self.epoch >= cfg.epochs or self.step >= (cfg.max_steps or math.inf)
+    def limit_reached(self, cfg):
+        """The limit the run has reached, in words ("--epochs 15", "--max-steps 400"), or None."""
+        if cfg.max_steps is not None and self.step >= cfg.max_steps:
+            return f"--max-steps {cfg.max_steps}"
+        return f"--epochs {cfg.epochs}" if self.epoch >= cfg.epochs else None
 
-    def add_part(self, part, start, first_step, resumed=False):
+    @property
+    def first_step(self):
+        """The current epoch's first step, counted in the run."""
+        return self.step - self.step_in_epoch
+
+    def next_part(self, steps_per_epoch, total):
+        """(start, end): the steps of the current epoch the next part may run, up to its end or the run's."""
+        return self.step_in_epoch, min(steps_per_epoch, self.step_in_epoch + total - self.step)
+
+    def add_part(self, part, start, resumed=False):
         """Add a part of an epoch (all of it, or up to a stop or a checkpoint) from `train_epoch`;
         `resumed`: the part is the first of a resumed run, which marks its epoch's row."""
         before = self.partial or {"loss_sum": 0.0, "correct": 0.0, "images": 0, "seconds": 0.0, "resumed_at_step": None}
         self.partial = {**{k: before[k] + part[k] for k in ("loss_sum", "correct", "images", "seconds")},
                         "resumed_at_step": before["resumed_at_step"] if before["resumed_at_step"] is not None
                         else (start if resumed and start else None)}
-        self.step_in_epoch, self.step = part["end"], first_step + part["end"]
+        self.step_in_epoch, self.step = part["end"], self.first_step + part["end"]
         self.train_s += part["seconds"]
         self.wall_s += part["seconds"]
 
-    def end_epoch(self, row, eval_s, target_acc):
-        """Record a finished epoch's row; returns whether its test accuracy (of the raw weights, or of
-        their average where there is one) is the best so far."""
+    def end_epoch(self, row, eval_s, target_acc, whole=True):
+        """Record an evaluated epoch's row; returns whether its test accuracy (of the raw weights, or of
+        their average where there is one) is the best so far.
+
+        whole=False: the run ended inside the epoch (--max-steps). Its row is marked `partial` and the
+        epoch stays open, its totals kept: a resume with a higher --max-steps trains on inside it, and
+        the row of its end replaces this one."""
         self.wall_s += eval_s
         if self.partial["resumed_at_step"] is not None:
             row["resumed_at_step"] = self.partial["resumed_at_step"]  # trained in two sessions; totals cover it all
@@ -77,10 +96,15 @@ class RunState:
         improved = acc > self.best_acc
         if acc >= target_acc and self.target_epoch is None:
             self.target_epoch, self.target_wall_s = row["epoch"], self.wall_s
+        if self.history and self.history[-1].get("partial"):  # this epoch's row at the run's earlier end
+            self.history.pop()
+        if not whole:
+            row["partial"] = True
         self.history.append(row)
         if improved:
             self.best_acc, self.best_weights = acc, weights
-        self.epoch, self.step_in_epoch, self.partial = row["epoch"], 0, None
+        if whole:
+            self.epoch, self.step_in_epoch, self.partial = row["epoch"], 0, None
         return improved
 
 

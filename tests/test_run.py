@@ -52,9 +52,10 @@ def test_a_run_saved_and_restored_continues_where_it_was(tmp_path):
 
 def test_run_state_adds_the_parts_of_an_epoch_cut_by_a_stop():
     state = RunState()
-    state.add_part({"loss_sum": 8.0, "correct": 4.0, "images": 16, "seconds": 2.0, "end": 1}, start=0, first_step=0)
-    state.add_part({"loss_sum": 24.0, "correct": 12.0, "images": 48, "seconds": 3.0, "end": 4}, start=1, first_step=0,
-                   resumed=True)
+    assert state.next_part(steps_per_epoch=4, total=8) == (0, 4)
+    state.add_part({"loss_sum": 8.0, "correct": 4.0, "images": 16, "seconds": 2.0, "end": 1}, start=0)
+    assert state.next_part(steps_per_epoch=4, total=8) == (1, 4)  # a resume goes on inside the epoch
+    state.add_part({"loss_sum": 24.0, "correct": 12.0, "images": 48, "seconds": 3.0, "end": 4}, start=1, resumed=True)
     assert (state.step, state.step_in_epoch, state.train_s) == (4, 4, 5.0)
     assert state.partial == {"loss_sum": 32.0, "correct": 16.0, "images": 64, "seconds": 5.0, "resumed_at_step": 1}
     row = {"epoch": 1, "test_acc": 0.4}
@@ -62,10 +63,32 @@ def test_run_state_adds_the_parts_of_an_epoch_cut_by_a_stop():
     assert row["resumed_at_step"] == 1 and state.history == [row] and state.partial is None
     assert (state.epoch, state.step_in_epoch, state.best_acc, state.target_epoch, state.target_wall_s) == (1, 0, 0.4, 1, 6.0)
     for start, end in ((0, 2), (2, 4)):  # a checkpoint after step 2, in the same process: not a resume
-        state.add_part({"loss_sum": 4.0, "correct": 2.0, "images": 8, "seconds": 1.0, "end": end}, start=start, first_step=4)
+        state.add_part({"loss_sum": 4.0, "correct": 2.0, "images": 8, "seconds": 1.0, "end": end}, start=start)
     row = {"epoch": 2, "test_acc": 0.3}
     assert not state.end_epoch(row, eval_s=1.0, target_acc=0.3) and "resumed_at_step" not in row
-    assert state.target_epoch == 1 and state.complete(resolve(Config(smoke=True, epochs=2)))
+    assert state.target_epoch == 1 and state.limit_reached(resolve(Config(smoke=True, epochs=2))) == "--epochs 2"
+
+
+def test_a_run_that_ends_inside_an_epoch_leaves_it_open_for_a_longer_run():
+    """--max-steps 6 at 4 steps an epoch: the run ends 2 steps into epoch 2, evaluated there, the epoch not
+    counted; raised to 7 on resume, it trains on inside epoch 2, and the end of epoch 2 replaces its row."""
+    state, part = RunState(), {"loss_sum": 4.0, "correct": 2.0, "images": 8, "seconds": 1.0}
+    state.add_part({**part, "end": 4}, start=0)
+    state.end_epoch({"epoch": 1, "step": 4, "test_acc": 0.2}, eval_s=0.5, target_acc=0.9)
+    assert state.next_part(steps_per_epoch=4, total=6) == (0, 2)  # the run's end inside epoch 2
+    state.add_part({**part, "end": 2}, start=0)
+    state.end_epoch({"epoch": 2, "step": 6, "test_acc": 0.3}, eval_s=0.5, target_acc=0.9, whole=False)
+    assert (state.epoch, state.step_in_epoch, state.step) == (1, 2, 6) and state.history[-1]["partial"]
+    assert state.limit_reached(resolve(Config(smoke=True, epochs=2, max_steps=6))) == "--max-steps 6"
+    assert state.limit_reached(resolve(Config(smoke=True, epochs=2, max_steps=7))) is None  # raised: not done
+    assert state.next_part(steps_per_epoch=4, total=7) == (2, 3)
+    state.add_part({**part, "end": 3}, start=2, resumed=True)
+    state.end_epoch({"epoch": 2, "step": 7, "test_acc": 0.35}, eval_s=0.5, target_acc=0.9, whole=False)
+    state.add_part({**part, "end": 4}, start=3)  # and on to the epoch's end, with --max-steps 8
+    state.end_epoch({"epoch": 2, "step": 8, "test_acc": 0.4}, eval_s=0.5, target_acc=0.9)
+    assert [(h["epoch"], h["step"], h.get("partial")) for h in state.history] == [(1, 4, None), (2, 8, None)]
+    assert state.history[-1]["resumed_at_step"] == 2 and state.partial is None and state.epoch == 2
+    assert state.partial is None and state.step == 8
 
 
 # --- what a result records -----------------------------------------------------------------------

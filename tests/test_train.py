@@ -180,7 +180,24 @@ def test_max_steps_ends_the_run_and_the_schedule(short_run):
     run_dir, out = short_run
     h = summary(run_dir)["history"]
     assert [(e["epoch"], e["step"]) for e in h] == [(1, 3)] and h[-1]["lr"] == 0  # inside epoch 1, decayed to 0
+    assert h[-1]["partial"] and "(the run's end, step 3, inside the epoch)" in out
     assert "warm-up (8 steps) would fill most of this 3-step run" in out  # said, not silent
+
+
+@pytest.mark.xdist_group("short")
+def test_a_run_ended_by_max_steps_inside_an_epoch_trains_on_when_it_is_raised(short_run, tmp_path):
+    shutil.copytree(short_run[0], tmp_path / "more")
+    r = train_here("--resume", tmp_path / "more")
+    assert r.returncode == 0 and "run already complete: " in r.stdout
+    assert "ended at its --max-steps 3; raise --max-steps to train further" in r.stdout  # the limit that binds
+    r = train_here("--resume", tmp_path / "more", "--max-steps", "4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "training 1 epoch, 1 step;" in r.stdout  # on from step 3 of epoch 1, not a new epoch
+    threads = summary(short_run[0])["config"]["threads"]  # the cores idle when the run started, saved with it
+    assert f"threads: torch {threads}, " in r.stdout and "the run's own count, kept on resume" in r.stdout
+    h = summary(tmp_path / "more")["history"]
+    assert [(e["epoch"], e["step"], e.get("partial")) for e in h] == [(1, 4, None)]  # the epoch's end replaced its row
+    assert h[-1]["resumed_at_step"] == 3
 
 
 @pytest.mark.xdist_group("short")
