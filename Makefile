@@ -64,11 +64,12 @@ test: $(STAMP)
 	$(PY) -m pytest -n auto --dist loadgroup $(ARGS)
 
 # Default data/ is fetched first when missing (not when ARGS name --data, --resume or --smoke).
-# SEEDS="0 1 2": the same settings once per seed (into RUNS, default runs/), then the results there.
+# SEEDS="0 1 2": the same settings once per seed (into RUNS, default runs/), then the results of the folder
+# they went to (an --runs in ARGS wins, as it does for train.py).
 train: $(STAMP)
 	$(if $(findstring --data,$(ARGS))$(findstring --resume,$(ARGS))$(findstring --smoke,$(ARGS)),,@test -e data || $(MAKE) data)
 	$(if $(SEEDS),for seed in $(SEEDS); do $(PY) train.py --seed $$seed $(if $(RUNS),--runs $(RUNS)) $(ARGS) || exit $$?; \
-	done; $(PY) results.py $(or $(RUNS),runs),$(PY) train.py $(ARGS))
+	done; $(PY) results.py --as-trained $(if $(RUNS),--runs $(RUNS)) $(ARGS),$(PY) train.py $(ARGS))
 
 # Finished runs grouped by settings, mean ± std over seeds (RUNS: another folder of runs).
 results: $(STAMP)

@@ -57,14 +57,16 @@ def test_a_python_with_torch_but_a_missing_dependency_asks_pip_for_that_one_only
 
 
 @pytest.mark.long
-def test_train_with_seeds_runs_once_per_seed_then_prints_the_results(tmp_path):
-    """`make train SEEDS=...` in the checkout itself (-o: no reinstall here), two 1-step runs."""
+def test_train_with_seeds_runs_once_per_seed_then_prints_the_results_of_the_folder_they_went_to(tmp_path):
+    """`make train SEEDS=...` in the checkout itself (-o: no reinstall here), two 1-step runs; their folder named
+    both ways, RUNS and --runs in ARGS, which wins as it does for train.py: the results are read there."""
+    (tmp_path / "other").mkdir()
     r = subprocess.run(["make", "--no-print-directory", "-o", ".venv/.installed", "-o", ".deps-checked", "train",
-                        f"PYTHON={sys.executable}", 'SEEDS=0 1', f"RUNS={tmp_path}",
-                        "ARGS=--smoke --limit-train 8 --batch-size 8 --limit-test 8"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
+                        f"PYTHON={sys.executable}", 'SEEDS=0 1', f"RUNS={tmp_path / 'other'}",
+                        f"ARGS=--smoke --limit-train 8 --batch-size 8 --limit-test 8 --runs {tmp_path / 'runs'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    seeds = sorted(json.loads(p.read_text())["config"]["seed"] for p in tmp_path.glob("*/summary.json"))
-    assert seeds == [0, 1] and r.stdout.count("done: ") == 2
-    assert "2 finished runs under" in r.stdout and "in 1 group of settings" in r.stdout and "| 2 |" in r.stdout
+    seeds = sorted(json.loads(p.read_text())["config"]["seed"] for p in (tmp_path / "runs").glob("*/summary.json"))
+    assert seeds == [0, 1] and r.stdout.count("done: ") == 2 and not list((tmp_path / "other").iterdir())
+    assert f"2 finished runs under {tmp_path / 'runs'}, in 1 group of settings" in r.stdout and "| 2 |" in r.stdout
 

@@ -57,3 +57,12 @@ def test_results_script_prints_the_groups_and_says_when_there_are_none(runs, tmp
     assert r.returncode == 0 and "no finished runs" in r.stdout
     r = subprocess.run([sys.executable, str(ROOT / "results.py"), tmp_path / "none"], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is not a folder of runs" in r.stderr
+
+
+def test_as_trained_reads_the_folder_from_train_py_flags(runs, capsys):
+    from results import main
+
+    assert main(["--as-trained", "--smoke", "--runs", str(runs), "--seed", "3"]) == 0
+    assert f"4 finished runs under {runs}," in capsys.readouterr().out
+    assert main(["--as-trained", "--resume", str(runs / "fast-0")]) == 0  # a resumed run's folder: its parent
+    assert f"4 finished runs under {runs}," in capsys.readouterr().out
