@@ -28,7 +28,7 @@ else
 TORCH ?= torch
 endif
 
-.PHONY: install test train smoke bench sweep data tensorboard gpu-check eval predict export results clean
+.PHONY: install test lint train smoke bench sweep data tensorboard gpu-check eval predict export results clean
 
 install: $(STAMP)
 .venv/.installed: pyproject.toml
@@ -62,6 +62,11 @@ export MISSING
 # Tests run on every core at once (pytest-xdist); the tests that share a training run stay together.
 test: $(STAMP)
 	$(PY) -m pytest -n auto --dist loadgroup $(ARGS)
+
+# ruff (pyproject.toml: line length 120, pycodestyle, pyflakes, import order); in the test extra, so in .venv.
+lint: $(STAMP)
+	@$(PY) -m ruff --version >/dev/null 2>&1 || { echo "error: ruff is not installed for $(PY); pip install ruff" >&2; exit 2; }
+	$(PY) -m ruff check .
 
 # Default data/ is fetched first when missing (not when ARGS name --data, --resume or --smoke).
 # SEEDS="0 1 2": the same settings once per seed (into RUNS, default runs/), then the results of the folder

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
+from engine.checkpoint import add_run_flags, load_weights
+from engine.cli import run_main
 from engine.device import setup_env
 from engine.loop import evaluate
-from engine.cli import run_main
-from engine.checkpoint import add_run_flags, load_weights
 from engine.run import load_split
 from net import build_model
 from pipelines import CLASSES, make_loader
@@ -53,7 +53,8 @@ def main(argv=None):
     print()
     print(f"{'class':<12}" + "".join(f"{k:>10}" for k in per_class))
     for i, name in enumerate(CLASSES):
-        print(f"{name:<12}" + "".join(f"{(c[i, i] / c[i].sum().clamp_min(1)).item():>10.1%}" for c in per_class.values()))
+        shares = ((c[i, i] / c[i].sum().clamp_min(1)).item() for c in per_class.values())
+        print(f"{name:<12}" + "".join(f"{share:>10.1%}" for share in shares))
     png = Path(args.run) / f"{args.checkpoint}.confusion.png"
     save_png(confusion_image(confusion.numpy(), CLASSES), png)
     print(f"\nconfusion matrix: {png}")

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from engine.config import UserError
-from engine.cli import run_main
 from engine.checkpoint import add_run_flags, load_weights, write_atomic
+from engine.cli import run_main
+from engine.config import UserError
 from net import build_model
 
 

@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import torch
 
-from engine.cli import run_main
 from engine.checkpoint import add_run_flags, load_weights
+from engine.cli import run_main
 from engine.device import memory_format
 from net import build_model
 from pipelines import CLASSES, MEAN, SIZE, STD
@@ -34,7 +34,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="predict.py", description=__doc__.splitlines()[0])
     add_run_flags(parser)
     parser.add_argument("images", nargs="+", help="image files (anything Pillow reads)")
-    parser.add_argument("--top", type=int, default=3, choices=range(1, 11), metavar="K", help="classes shown (default: 3)")
+    parser.add_argument("--top", type=int, default=3, choices=range(1, 11), metavar="K",
+                        help="classes shown (default: 3)")
     args = parser.parse_args(argv)
     weights, _, _, cfg = load_weights(args.run, args.checkpoint, args.weights)
     layout = memory_format(cfg.channels_last)  # the run's, as it trained

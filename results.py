@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from engine.cli import run_main
-from engine.config import Config, UserError, flag_parser
+from engine.errors import UserError
 from engine.results import finished_runs, format_groups, group_runs
 
 
@@ -22,6 +22,8 @@ def main(argv=None):
                              "parent of its --resume)")
     args = parser.parse_args(argv)
     if args.as_trained is not None:
+        from engine.config import Config, flag_parser  # here: it loads torch, which the rest has no need of
+
         flags = vars(flag_parser().parse_args(args.as_trained))
         args.runs = str(Path(flags["resume"]).parent) if "resume" in flags else flags.get("runs", Config.runs)
     if not Path(args.runs).is_dir():

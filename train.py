@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from engine.checkpoint import init_from, load_checkpoint
+from engine.cli import run_main
 from engine.config import SHORT, Config, UserError, augment, check, flag_parser, planned_steps, resolve, resumed
 from engine.convs import choose_convs
 from engine.device import CompileCheck, any_rank, assert_ranks_agree, compile_checked, exit_rank, setup_env
 from engine.log import Logger, NullLogger, plural
 from engine.loop import EMA, NonFiniteLoss, evaluate, make_optimizer, make_schedule, reestimate_batchnorm, train_epoch
-from engine.checkpoint import init_from, load_checkpoint
-from engine.cli import run_main
 from engine.run import RunFolderLock, RunState, load_split, rank_failed, restore_run, same_data, save_run
 from engine.stop import SaveClock, StopSignal
 from net import build_model
@@ -32,7 +32,8 @@ from pipelines.preview import one_per_class
 
 
 def parse_config(argv=None):
-    """(Config, checkpoint or None, notes, the flags typed): the flags, or a resumed run's saved settings and checkpoint."""
+    """(Config, checkpoint or None, notes, the flags typed): the flags, or a resumed run's saved settings and
+    checkpoint."""
     given = vars(flag_parser(__doc__.splitlines()[0]).parse_args(argv))  # syntax errors: argparse's usage, exit 2
     if "resume" not in given:
         return check(resolve(Config(**given))), None, [], given
@@ -65,8 +66,8 @@ def short_run(cfg, env, model, train, total):
         recalibrate = lambda m=model: reestimate_batchnorm(m, loader, env)  # noqa: E731 (eager models: no new graph)
     if total >= SHORT:
         return recalibrate, None
-    return recalibrate, (f"a short run ({plural(total, 'step')}; the `{cfg.recipe}` recipe plans {planned_steps(cfg.recipe):,} "
-                         f"on the full train set): expect far less than its accuracy"
+    return recalibrate, (f"a short run ({plural(total, 'step')}; the `{cfg.recipe}` recipe plans "
+                         f"{planned_steps(cfg.recipe):,} on the full train set): expect far less than its accuracy"
                          + (f". BatchNorm statistics are re-estimated on {n:,} train images before each evaluation "
                             f"(--bn-reestimate 0 turns that off)" if recalibrate else ""))
 
@@ -144,7 +145,8 @@ def run(cfg, ckpt, notes, env, stop, run_dir):
         start, end = state.next_part(steps_per_epoch, schedule.total)
         train_loader.set_epoch(epoch, skip=start)
         try:
-            part = train_epoch(train_model, optimizer, train_loader, env, schedule=schedule, ema=ema, log_every=cfg.log_every,
+            part = train_epoch(train_model, optimizer, train_loader, env, schedule=schedule, ema=ema,
+                               log_every=cfg.log_every,
                                label_smoothing=cfg.label_smoothing, start=start, stop_at=end, stop=clock,
                                log=lambda step, m: log.step(epoch, first + step, m))
         except NonFiniteLoss as e:
@@ -163,7 +165,8 @@ def run(cfg, ckpt, notes, env, stop, run_dir):
         if part["end"] == end:
             log.epoch(row, state)
         if any_rank(stop.requested, env) and state.step < schedule.total:  # every rank stops here, or none does
-            log.stopped(state, f"epoch {epoch + 1}, step {part['end']}" if part["end"] < end else f"the end of epoch {epoch + 1}")
+            where = f"epoch {epoch + 1}, step {part['end']}" if part["end"] < end else f"the end of epoch {epoch + 1}"
+            log.stopped(state, where)
             return stop.exit_code
     tta = evaluate(compile_check.model, test_loader, env, tta=True)[1] if cfg.tta else None  # beside, not instead
     log.finish(state, confusion, tta)

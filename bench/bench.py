@@ -30,27 +30,36 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.config import Config, UserError, resolve
-from engine.device import setup_env
 from engine.checkpoint import write_atomic, write_json
 from engine.cli import run_main
+from engine.config import Config, UserError, resolve
+from engine.device import setup_env
 from engine.run import ROOT, run_facts
 
 from .model import bench_end_to_end, bench_limit, bench_model, model_variants, prepare_model
-from .pipelines import (bench_albumentations, bench_dali, bench_data, bench_draws, bench_epoch_start,
-                        bench_host_cost, bench_torch_augment)
+from .pipelines import (
+    bench_albumentations,
+    bench_dali,
+    bench_data,
+    bench_draws,
+    bench_epoch_start,
+    bench_host_cost,
+    bench_torch_augment,
+)
 from .report import accuracy, figure, table, write_tensorboard
-
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true",
-                        help="fewer, smaller steps, results in bench/results/quick/ (git ignores it): a smoke test of the bench")
-    parser.add_argument("--data", default="data", help="CIFAR-10 for the pipeline figures (default: data; synthetic if absent)")
+                        help="fewer, smaller steps, results in bench/results/quick/ (git ignores it): "
+                             "a smoke test of the bench")
+    parser.add_argument("--data", default="data",
+                        help="CIFAR-10 for the pipeline figures (default: data; synthetic if absent)")
     parser.add_argument("--batch-size", type=int, default=None, help="train batch (default: 512 on cuda, 32 on cpu)")
-    parser.add_argument("--train", action="store_true", help="run train.py (default recipe) first, for the accuracy row")
+    parser.add_argument("--train", action="store_true",
+                        help="run train.py (default recipe) first, for the accuracy row")
     parser.add_argument("--out", default=None, help="folder for the .json and .md results (default: bench/results, "
                         "bench/results/quick with --quick)")
     parser.add_argument("--tensorboard", default=str(ROOT / "bench" / "tensorboard"),
@@ -117,7 +126,8 @@ def run(args):
                bench_dali(images, labels, dev, pipe_batch, pipe_timing, augment=None))
         record("pipeline", f"DALI encoded (decode), {dev}",
                bench_dali(blobs, labels[:len(blobs)], dev, pipe_batch, pipe_timing))
-        record("costs", f"epoch start, DALI raw, {dev}", bench_epoch_start(images[:4 * pipe_batch], labels[:4 * pipe_batch],
+        record("costs", f"epoch start, DALI raw, {dev}",
+               bench_epoch_start(images[:4 * pipe_batch], labels[:4 * pipe_batch],
                                                                           dev, pipe_batch))
         record("costs", f"augmentation host cost, {dev}", bench_host_cost(dev, pipe_timing))
         record("pipeline", f"plain torch, {dev}", bench_torch_augment(images, dev, pipe_batch, pipe_timing))

@@ -104,7 +104,8 @@ def top_kernels(cfg, env, steps=5, rows=15):
     model = build_model(dropout=cfg.dropout).to(env.device, memory_format=env.memory_format)
     choose_convs(model, env, cfg.conv_impl, batch=cfg.batch_size)
     optimizer = make_optimizer(cfg, model)
-    x = torch.randn(cfg.batch_size, 3, 32, 32, device=env.device).to(env.dtype).contiguous(memory_format=env.memory_format)
+    x = torch.randn(cfg.batch_size, 3, 32, 32,
+                    device=env.device).to(env.dtype).contiguous(memory_format=env.memory_format)
     y = torch.randint(0, 10, (cfg.batch_size,), device=env.device)
 
     def step():
@@ -124,7 +125,8 @@ def top_kernels(cfg, env, steps=5, rows=15):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.convs", description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per step (default: 512 on cuda, 16 on cpu)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images per step (default: 512 on cuda, 16 on cpu)")
     parser.add_argument("--conv-impl", choices=["auto", "triton", "torch"], default="auto",
                         help="how the profiled train steps run their depthwise convs (default: auto, as train.py)")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false",
@@ -134,7 +136,8 @@ def main(argv=None):
         parser.error("--device cuda but CUDA is not available; use --device cpu")
     cuda = args.device == "cuda"
     batch = args.batch_size or (512 if cuda else 16)
-    cfg = resolve(Config(device=args.device, batch_size=batch, conv_impl=args.conv_impl, channels_last=args.channels_last))
+    cfg = resolve(Config(device=args.device, batch_size=batch, conv_impl=args.conv_impl,
+                         channels_last=args.channels_last))
     env = setup_env(cfg)
     timing = dict(steps=10 if cuda else 1, repeats=5 if cuda else 3, warmup=3 if cuda else 1,
                   sync=torch.cuda.synchronize if cuda else (lambda: None))

@@ -103,7 +103,8 @@ def pipelines(data):
     off = dict(flip_p=0, ssr_p=0, cutout_p=0)
     # Each augmentation alone too: on an H100 (2026-11-26) the augmented raw graph ran at 89k img/s
     # against 631k without augmentation, and which operator takes the 10 ms per batch is the question.
-    for name, (x, y, aug) in {"raw, augmented": (images, labels, Augment()), "raw, no augmentation": (images, labels, None),
+    for name, (x, y, aug) in {"raw, augmented": (images, labels, Augment()),
+                              "raw, no augmentation": (images, labels, None),
                               "raw, flip only": (images, labels, Augment(**{**off, "flip_p": 0.5})),
                               "raw, shift-scale-rotate only": (images, labels, Augment(**{**off, "ssr_p": 0.5})),
                               "raw, cutout only": (images, labels, Augment(**{**off, "cutout_p": 0.5})),
@@ -116,7 +117,8 @@ def pipelines(data):
               "| batch | augmented ms | plain ms | augmentation ms |", "|---|---|---|---|"]
     lines += [f"| {int(b):,} | {r['augmented_ms']:.2f} | {r['plain_ms']:.2f} | {r['cost_ms']:.2f} |"
               for b, r in host["batches"].items()]
-    lines.append(f"- growth per doubling of the batch: {', '.join(f'x{g:.1f}' for g in host['growth_per_doubling'] if g)}"
+    lines.append("- growth per doubling of the batch: "
+                 f"{', '.join(f'x{g:.1f}' for g in host['growth_per_doubling'] if g)}"
                  f" (x2: linear; x4: a per-image argument)")
     return lines, {**rows, "host_cost": host}
 
@@ -146,12 +148,13 @@ def kernels(batch=512):
     for name, conv in depthwise_convs(build_model().to(device)).items():
         for dtype in (torch.bfloat16, torch.float32):
             for layout, fmt in (("channels_last", torch.channels_last), ("NCHW", torch.contiguous_format)):
-                error, torch_error = check_layer(conv, batch=batch, size=32, dtype=dtype, memory_format=fmt, device=device)
+                error, torch_error = check_layer(conv, batch=batch, size=32, dtype=dtype, memory_format=fmt,
+                                                 device=device)
                 good = error <= 2 * torch_error + 1e-4  # the rule train.py applies before using a kernel
                 ok &= good
                 rows[f"{name}, {dtype}, {layout}"] = {"error": error, "torch_error": torch_error, "ok": good}
-                lines.append(f"| {name} | {str(dtype).removeprefix('torch.')} | {layout} | {error:.2e} | {torch_error:.2e} | "
-                             f"{'ok' if good else 'FAIL'} |")
+                lines.append(f"| {name} | {str(dtype).removeprefix('torch.')} | {layout} | {error:.2e} | "
+                             f"{torch_error:.2e} | {'ok' if good else 'FAIL'} |")
     return [f"- {'PASS' if ok else 'FAIL'}: batch {batch}, 32x32; each error the worst of output, input gradient and "
             f"weight gradient, relative to the largest fp32 value", ""] + lines, {"ok": ok, "rows": rows}
 
@@ -186,7 +189,8 @@ def steps():
     lines += [f"| {key} | {figure(r['img_per_s'])} | {figure(r['min'])} - {figure(r['max'])} |"
               for key, r in results["model"].items()]
     lines += [""] + [f"- compile ({key}): " + (f"{c['graphs']} graphs in {c['seconds']:.1f} s, error against fp32 "
-                                               f"{c['error']:.2e} (eager {c['eager_error']:.2e})" if c["compiled"] else c["note"])
+                                               f"{c['error']:.2e} (eager "
+                                               f"{c['eager_error']:.2e})" if c["compiled"] else c["note"])
                      for key, c in results["compile"].items()]
     lines += [f"- convs ({key}): {c['line']}" for key, c in results["convs"].items() if c["ms"] or c["notes"]]
     lines.append(f"- batch {cfg.batch_size}; {time.perf_counter() - t0:.0f} s for the section, compiles included")
@@ -212,7 +216,8 @@ def main(argv=None):
                         help="CIFAR-10 for the tests, pipelines and bench: the JPEG copy (default: ../shared/data's, "
                              "else data/; on a GPU box from device-pack, /tmp/dc/x/cifar10-jpeg.tar.gz)")
     parser.add_argument("--sections", default=",".join(SECTIONS),
-                        help=f"which sections, comma-separated, run in this order: {', '.join(SECTIONS)} (default: all)")
+                        help=f"which sections, comma-separated, run in this order: {', '.join(SECTIONS)} "
+                             "(default: all)")
     parser.add_argument("--skip-bench", action="store_true", help="every section but the bench")
     parser.add_argument("--tests-timeout", type=int, default=420,
                         help="seconds the CUDA tests may take before the check goes on without them (default: 420)")
@@ -231,8 +236,10 @@ def main(argv=None):
     run = {"kernels": lambda: report.section("kernels", "Triton kernels against F.conv2d", *kernels()),
            "convs": lambda: report.section("convs", "Each conv alone, each implementation", *conv_breakdown()),
            "steps": lambda: report.section("steps", "Train step alone, every variant", *steps()),
-           "pipelines": lambda: report.section("pipelines", "DALI on the GPU, alone (batch 1024)", *pipelines(args.data)),
-           "tests": lambda: report.section("cuda_tests", "CUDA tests", *cuda_tests(report.out, args.data, args.tests_timeout)),
+           "pipelines": lambda: report.section("pipelines", "DALI on the GPU, alone (batch 1024)",
+                                               *pipelines(args.data)),
+           "tests": lambda: report.section("cuda_tests", "CUDA tests",
+                                           *cuda_tests(report.out, args.data, args.tests_timeout)),
            "bench": lambda: report.section("bench", "Bench", *bench(report.out, args.data))}
     for name in SECTIONS:
         if name in wanted:

@@ -45,7 +45,8 @@ def model_variants(device):
                 "compiled bf16 channels_last": Variant(bf16, True, True),
                 "compiled bf16 NCHW, triton convs": Variant(bf16, False, True, "triton"),
                 "compiled bf16 channels_last, auto convs": Variant(bf16, True, True, "auto")}
-    return {"eager fp32 NCHW": Variant(fp32, False, False), "eager fp32 channels_last": Variant(fp32, True, False, "auto")}
+    return {"eager fp32 NCHW": Variant(fp32, False, False),
+            "eager fp32 channels_last": Variant(fp32, True, False, "auto")}
 
 
 def prepare_model(cfg, env, key, results):
@@ -73,7 +74,8 @@ def prepare_model(cfg, env, key, results):
 
 def synthetic_batches(device, batch, dtype, channels_last, k=4):
     """k distinct device-resident batches, cycled: nothing measured from a single cached input."""
-    return [(torch.randn(batch, 3, 32, 32, device=device).to(dtype).contiguous(memory_format=memory_format(channels_last)),
+    return [(torch.randn(batch, 3, 32, 32,
+                         device=device).to(dtype).contiguous(memory_format=memory_format(channels_last)),
              torch.randint(0, 10, (batch,), device=device)) for _ in range(k)]
 
 

@@ -9,10 +9,10 @@ from engine.results import finished_runs, format_groups, group_runs
 from engine.run import ROOT
 
 
-
 def accuracy(train_first, data, device):
     if train_first:
-        subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", data, "--device", device], check=True, cwd=ROOT)
+        subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", data, "--device", device], check=True,
+                       cwd=ROOT)
     summaries = sorted((ROOT / "runs").glob("*/summary.json"), key=lambda p: p.stat().st_mtime)
     if not summaries:
         return None
@@ -34,7 +34,8 @@ def table(results):
     rows = [("stage", "what", "img/s (median)", "min - max", "batch")]
     for stage in ("pipeline", "model"):
         for what, r in results[stage].items():
-            rows.append((stage, what, figure(r["img_per_s"]), f"{figure(r['min'])} - {figure(r['max'])}", str(r["batch"])))
+            rows.append((stage, what, figure(r["img_per_s"]), f"{figure(r['min'])} - {figure(r['max'])}",
+                         str(r["batch"])))
     e = results.get("end_to_end")
     if e:
         rows.append(("end to end", f"train_epoch on DALI raw ({e['model']})", figure(e["img_per_s"]),
@@ -53,11 +54,11 @@ def table(results):
             costs = " / ".join(f"{r['cost_ms']:.2f}" for r in c["batches"].values())
             batches = " / ".join(f"{int(b):,}" for b in c["batches"])
             growth = ", ".join(f"x{g:.1f}" if g else "—" for g in c["growth_per_doubling"])
-            lines.append(f"- {what}: {costs} ms per batch of {batches} (the graph on 1x1 images, augmented minus plain; "
-                         f"{growth} per doubling of the batch: x2 is linear, x4 quadratic)")
+            lines.append(f"- {what}: {costs} ms per batch of {batches} (the graph on 1x1 images, augmented minus "
+                         f"plain; {growth} per doubling of the batch: x2 is linear, x4 quadratic)")
         if what.startswith("epoch start"):
-            lines.append(f"- {what}: {c['build_ms']:.1f} ms to build the pipeline (first epoch), {c['reset_ms']:.1f} ms "
-                         f"to reset it (every later epoch), to the first batch of {c['batch']}")
+            lines.append(f"- {what}: {c['build_ms']:.1f} ms to build the pipeline (first epoch), {c['reset_ms']:.1f} "
+                         f"ms to reset it (every later epoch), to the first batch of {c['batch']}")
     for key, c in results.get("convs", {}).items():
         if set(c["impl"].values()) != {"torch"} or c["ms"]:
             lines.append(f"- convs ({key}): {c['line']}" + "".join(f"; {note}" for note in c["notes"]))
@@ -66,14 +67,16 @@ def table(results):
             f"{c['graphs']} graphs in {c['seconds']:.1f} s; relative error against fp32 eager {c['error']:.2e} "
             f"(eager at training precision {c['eager_error']:.2e})" if c["compiled"] else c["note"]))
     if e:
-        lines.append(f"- end to end / the same model variant alone: **{e['ratio_to_model']:.2f}** (the pipeline's and the "
-                     f"loop's cost; epochs of {e['images_per_epoch']:,} images, recipe `{results['recipe']}`)")
+        lines.append(f"- end to end / the same model variant alone: **{e['ratio_to_model']:.2f}** (the pipeline's and "
+                     f"the loop's cost; epochs of {e['images_per_epoch']:,} images, recipe `{results['recipe']}`)")
     lim = results.get("limit")
     if lim and e:
-        lines += [f"- limit: {lim['train_flops_per_image'] / 1e6:,.0f} MFLOP and {lim['train_bytes_per_image'] / 1e6:,.1f} MB "
+        lines += [f"- limit: {lim['train_flops_per_image'] / 1e6:,.0f} MFLOP and "
+                  f"{lim['train_bytes_per_image'] / 1e6:,.1f} MB "
                   f"per training image; measured {lim['matmul_tflops']:,.2f} TFLOP/s matmul and "
                   f"{lim['copy_gb_per_s']:,.1f} GB/s copy -> floor {figure(lim['floor_img_per_s'])} img/s "
-                  f"(compute {figure(lim['compute_bound_img_per_s'])}, memory {figure(lim['memory_bound_img_per_s'])}); "
+                  f"(compute {figure(lim['compute_bound_img_per_s'])}, memory "
+                  f"{figure(lim['memory_bound_img_per_s'])}); "
                   f"end to end reaches **{e['fraction_of_floor']:.1%}** of it",
                   "  (bytes: every conv output saved in forward, read in backward, its gradient written and read, "
                   "at the training dtype, plus the uint8 image)"]
@@ -85,17 +88,19 @@ def table(results):
             size = f"{acc['train_images']:,} train / {acc['test_images']:,} test images" if acc["train_images"] \
                 else "data size not recorded"
             lines.append(f"- accuracy of the newest run ({acc['run']}, {acc['device']}, {size}, {acc['epochs_run']} "
-                         f"epochs{', generated smoke data' if acc['smoke'] else ''}): best {acc['best_acc']:.2%}; {reached}")
+                         f"epochs{', generated smoke data' if acc['smoke'] else ''}): "
+                         f"best {acc['best_acc']:.2%}; {reached}")
             if acc.get("groups"):
                 lines += ["- accuracy over the finished runs under runs/, grouped by settings (mean ± std over seeds; "
                           "`make train SEEDS=\"0 1 2 3 4\"` adds runs):", "", format_groups(acc["groups"]), ""]
         else:
-            lines.append("- accuracy: no training run found under runs/ (run `make train`, or `make bench ARGS=--train`)")
+            lines.append("- accuracy: no training run found under runs/ (run `make train`, or `make bench "
+                         "ARGS=--train`)")
     lines += [f"- skipped: {k}: {v}" for k, v in results["skipped"].items()]
     if not results["complete"]:
         lines.append("- **incomplete**: the bench stopped before the end; the rows above are what it measured")
-    lines.append(f"- {results['device']}, torch {results['torch']}, DALI {results['dali']}, commit {results['commit']}, "
-                 f"{results['date']}; data: {results['data']}")
+    lines.append(f"- {results['device']}, torch {results['torch']}, DALI {results['dali']}, commit "
+                 f"{results['commit']}, {results['date']}; data: {results['data']}")
     return "\n".join(lines)
 
 

@@ -28,12 +28,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.checkpoint import write_atomic, write_json
+from engine.cli import run_main
 from engine.config import Config, UserError, check, flag, flag_parser, resolve
 from engine.device import idle_cores
 from engine.results import PER_RUN, group_runs, markdown_table, number
 from engine.run import ROOT
-from engine.checkpoint import write_atomic, write_json
-from engine.cli import run_main
 
 SWEEPS_OWN = ("seed", "runs", "name", "resume")  # flags the sweep sets for each run
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")  # a variant's name is part of its runs' folder names
@@ -136,8 +136,11 @@ def run_state(run_dir, planned):
 class Sweep:
     """The runs of one plan in one folder: which are done, which run now, and the report."""
 
-    def __init__(self, plan, runs, parallel, budget_s=None, out=None, clock=time.monotonic):
+    def __init__(self, plan, runs, parallel, budget_s=None, out=None, clock=time.monotonic, trainer=ROOT / "train.py"):
+        """`trainer`: the script each run executes: train.py (the tests pass a stand-in that keeps its contract:
+        summary.json, last.pt, --resume, SIGTERM saves and exits 143)."""
         self.plan, self.runs, self.budget_s, self.out, self.clock = plan, Path(runs), budget_s, out or sys.stdout, clock
+        self.trainer = trainer
         self.jobs = plan.jobs()
         self.planned = {name: planned_config(plan, v, seed, runs, name) for v, seed, name in self.jobs}
         self.state = {name: run_state(self.runs / name, self.planned[name]) for _, _, name in self.jobs}
@@ -156,8 +159,10 @@ class Sweep:
     def command(self, variant, seed, name):
         resume = self.state[name] == "cut"
         argv = ["--resume", str(self.runs / name)] if resume else \
-            [*self.plan.common, *self.plan.variants[variant], "--seed", str(seed), "--runs", str(self.runs), "--name", name]
-        return [sys.executable, str(ROOT / "train.py"), *argv] + (["--threads", str(self.threads)] if self.threads else [])
+            [*self.plan.common, *self.plan.variants[variant], "--seed", str(seed), "--runs", str(self.runs),
+             "--name", name]
+        return [sys.executable, str(self.trainer),
+                *argv] + (["--threads", str(self.threads)] if self.threads else [])
 
     def say(self, line):
         print(line, file=self.out, flush=True)
@@ -216,8 +221,9 @@ class Sweep:
     def finished(self, name, code, seconds):
         summary = self.runs / name / "summary.json"
         complete = code == 0 and summary.exists() and json.loads(summary.read_text())["complete"]
-        self.state[name] = "done" if complete else "cut" if (self.runs / name / "last.pt").exists() and code in (130, 143) \
-            else "new" if code in (130, 143) else "failed"
+        stopped = code in (130, 143)  # by a signal: saved where it was, if it had started training
+        saved = (self.runs / name / "last.pt").exists()
+        self.state[name] = "done" if complete else "cut" if stopped and saved else "new" if stopped else "failed"
         what = {"done": "done", "cut": "cut (saved; resumed next time)", "new": "stopped before training",
                 "failed": f"FAILED (exit {code}; log: {self.runs / 'logs' / (name + '.log')})"}[self.state[name]]
         acc = json.loads(summary.read_text())["final_acc"] if complete else None
@@ -249,7 +255,8 @@ class Sweep:
 def sweep_markdown(data):
     """The ranked table, then the mean test accuracy after each epoch, as Markdown."""
     pct = ".2%"
-    head = ("rank", "variant", "flags", "n", "final acc", "best acc", "final, flip TTA", f"reached {data['target_acc']:.0%}",
+    head = ("rank", "variant", "flags", "n", "final acc", "best acc", "final, flip TTA",
+            f"reached {data['target_acc']:.0%}",
             "epochs to it", "seconds to it", "img/s", "runs")
     table = [head]
     for i, r in enumerate(data["variants"], 1):
@@ -257,7 +264,8 @@ def sweep_markdown(data):
         if not r["n"]:
             table.append((str(i), r["variant"], r["flags"] or "—", "0", *["—"] * 7, runs))
             continue
-        table.append((str(i), r["variant"], r["flags"] or "—", str(r["n"]), number(r["final"], pct), number(r["best"], pct),
+        table.append((str(i), r["variant"], r["flags"] or "—", str(r["n"]), number(r["final"], pct),
+                      number(r["best"], pct),
                       number(r["final_tta"], pct), f"{r['reached']} of {r['n']}", number(r["epochs_to_target"], ".1f"),
                       number(r["seconds_to_target"], ",.0f"), number(r["img_per_s"], ",.0f"), runs))
     epochs = max([len(r.get("curve", [])) for r in data["variants"]] + [0])

@@ -11,15 +11,11 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, UserError
+from .config import Config
+from .errors import SaveError, UserError
 
 UMASK = os.umask(0o022)
 os.umask(UMASK)  # read once: os.umask can only be read by setting it
-
-
-class SaveError(Exception):
-    """A file could not be written (a full or read-only disk): one line naming it; the previous
-    version of it, if any, is intact."""
 
 
 def write_atomic(path, write):
@@ -94,7 +90,8 @@ def unsafe_globals(path):
 def add_run_flags(parser):
     """The flags every script that reads a run back takes: the run folder, which checkpoint, which weights."""
     parser.add_argument("run", help="a run folder that train.py wrote (runs/<name>)")
-    parser.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint (default: best)")
+    parser.add_argument("--checkpoint", choices=["best", "last"], default="best",
+                        help="which checkpoint (default: best)")
     parser.add_argument("--weights", choices=["raw", "ema"], help="the trained weights or, for --ema runs, their "
                         "average (default: those best.pt marks as best; last.pt's raw ones)")
 
@@ -110,7 +107,8 @@ def load_weights(run_dir, which="best", weights=None, flag="the run"):
     ckpt = load_checkpoint(run_dir / f"{which}.pt", fix="pass a run folder that train.py wrote (runs/<name>)")
     weights = weights or (ckpt["state"].get("best_weights", "raw") if which == "best" else "raw")
     if weights == "ema" and not ckpt.get("ema"):
-        raise UserError(f"{run_dir / f'{which}.pt'} holds no weight average (the run had no --ema); use its raw weights")
+        raise UserError(f"{run_dir / f'{which}.pt'} holds no weight average (the run had no --ema); "
+                        "use its raw weights")
     return (ckpt["ema"]["model"] if weights == "ema" else ckpt["model"]), weights, ckpt, Config(**ckpt["config"])
 
 
@@ -119,7 +117,8 @@ def init_from(model, run_dir):
     one-line UserError when they do not fit it (checked tensor by tensor, before loading)."""
     theirs, weights, ckpt, _ = load_weights(run_dir, "best", flag="--init-from")
     mine = model.state_dict()
-    misfits = [k for k in sorted(set(mine) | set(theirs)) if k not in mine or k not in theirs or mine[k].shape != theirs[k].shape]
+    misfits = [k for k in sorted(set(mine) | set(theirs))
+               if k not in mine or k not in theirs or mine[k].shape != theirs[k].shape]
     if misfits:
         k = misfits[0]
         shapes = " against ".join(str(tuple(d[k].shape)) if k in d else "none" for d in (theirs, mine))
@@ -129,6 +128,6 @@ def init_from(model, run_dir):
     model.load_state_dict(theirs)
     state = ckpt["state"]
     row = state["history"][-1] if state["history"] else None  # best.pt is saved at the end of its epoch
-    return (f"starting from {run_dir}/best.pt" + (f" (epoch {row['epoch']}, test accuracy {state['best_acc']:.2%}"
-                                                  f"{', the weight average' if weights == 'ema' else ''})" if row else "")
-            + "; the optimizer and the schedule start fresh")
+    which = f" (epoch {row['epoch']}, test accuracy {state['best_acc']:.2%}" \
+            f"{', the weight average' if weights == 'ema' else ''})" if row else ""
+    return f"starting from {run_dir}/best.pt{which}; the optimizer and the schedule start fresh"

@@ -9,8 +9,7 @@ import sys
 
 from pipelines import DataError
 
-from .checkpoint import SaveError
-from .config import UserError
+from .errors import SaveError, UserError
 
 
 def run_main(main, argv=None, save_advice=""):

@@ -21,10 +21,7 @@ from net.kernels import HAVE_TRITON, runs_kernels
 from pipelines import Augment
 from pipelines.data import SPLITS
 
-
-class UserError(Exception):
-    """A mistake in the user's flags, files or folders: the message is one line, with the fix."""
-
+from .errors import UserError  # noqa: F401 (raised here, and imported from here by the scripts)
 
 RECIPES = {
     # SGD + Nesterov with a short warm-up and a linear decay to 0, label smoothing, a large batch:
@@ -63,22 +60,27 @@ class Config:
     weight_decay: float = field(default=None, metadata={"help": "on conv and linear weights only"})
     label_smoothing: float = field(default=None)
     schedule: str = field(default=None, metadata={"choices": ["onecycle", "plateau"],
-                          "help": "onecycle: linear warm-up then linear decay to 0, per step; plateau: x0.5 after 3 epochs without test-loss gain"})
+                          "help": "onecycle: linear warm-up then linear decay to 0, per step; plateau: x0.5 after 3 "
+                                  "epochs without test-loss gain"})
     warmup_epochs: float = field(default=None, metadata={"help": "onecycle warm-up; at most a tenth of a short run"})
     dropout: float = field(default=None, metadata={"help": "after every conv"})
     # Augmentation, per image (pipelines.Augment): each probability 0 turns that one off.
     flip_p: float = field(default=AUGMENT.flip_p, metadata={"help": "probability of a horizontal flip"})
     ssr_p: float = field(default=AUGMENT.ssr_p, metadata={"help": "probability of a shift-scale-rotate"})
-    shift: float = field(default=AUGMENT.shift, metadata={"help": "its largest shift, a fraction of the image, each axis"})
+    shift: float = field(default=AUGMENT.shift,
+                         metadata={"help": "its largest shift, a fraction of the image, each axis"})
     scale: float = field(default=AUGMENT.scale, metadata={"help": "its scale range, 1 +- this"})
     rotate: float = field(default=AUGMENT.rotate, metadata={"help": "its largest rotation, degrees"})
     cutout_p: float = field(default=AUGMENT.cutout_p, metadata={"help": "probability of one cutout square (mean fill)"})
     cutout_size: int = field(default=AUGMENT.cutout_size, metadata={"help": "its side, pixels"})
-    eval_batch_size: int = field(default=None, metadata={"help": "1000 divides 10,000: one shape for the compiled model"})
+    eval_batch_size: int = field(default=None,
+                                 metadata={"help": "1000 divides 10,000: one shape for the compiled model"})
     limit_train: int = field(default=None, metadata={"help": "train on a class-balanced sample of this many images"})
     limit_test: int = field(default=None, metadata={"help": "evaluate on a class-balanced sample of this many images"})
-    max_steps: int = field(default=None, metadata={"help": "stop after this many optimizer steps; the schedule ends there"})
-    seed: int = field(default=0, metadata={"help": "model init, sampling, shuffling and augmentation all follow from it"})
+    max_steps: int = field(default=None,
+                           metadata={"help": "stop after this many optimizer steps; the schedule ends there"})
+    seed: int = field(default=0,
+                      metadata={"help": "model init, sampling, shuffling and augmentation all follow from it"})
     device: str = field(default=None, metadata={"choices": ["cuda", "cpu"], "help": "default: cuda when available"})
     compile: bool = field(default=None, metadata={"help": "torch.compile (default: on with CUDA, off on CPU)"})
     compile_mode: str = field(default="default", metadata={"help": "torch.compile mode, e.g. max-autotune"})
@@ -90,7 +92,8 @@ class Config:
         "help": "what runs the depthwise and grouped convs: torch (F.conv2d), triton (the project's kernels, "
                 "net/kernels.py; CUDA), or auto: both checked and timed per layer at start, the faster kept "
                 "(torch where the kernels cannot run)"})
-    threads: int = field(default=None, metadata={"help": "torch's CPU threads (default on CPU: the cores idle at start)"})
+    threads: int = field(default=None,
+                         metadata={"help": "torch's CPU threads (default on CPU: the cores idle at start)"})
     bn_reestimate: int = field(default=None, metadata={
         "help": "re-estimate BatchNorm statistics on this many train images before each evaluation, 0 to never "
                 f"(default: 1000 in runs of under {SHORT} steps, whose running averages lag the weights)"})
@@ -109,8 +112,10 @@ class Config:
         "help": "with --resume: go on although the train data differs from the run's (its saved fingerprint)"})
     checkpoint_every: float = field(default=10.0, metadata={
         "help": "minutes between checkpoints inside an epoch, as well as at its end (0: after every step)"})
-    log_every: int = field(default=None, metadata={"help": "steps between logs, each a host sync (default: 25 on cuda, 1 on cpu)"})
-    smoke: bool = field(default=False, metadata={"help": "tiny generated dataset, 1 epoch on CPU: checks the whole path"})
+    log_every: int = field(default=None,
+                           metadata={"help": "steps between logs, each a host sync (default: 25 on cuda, 1 on cpu)"})
+    smoke: bool = field(default=False,
+                        metadata={"help": "tiny generated dataset, 1 epoch on CPU: checks the whole path"})
 
 
 AUGMENT_FIELDS = tuple(f.name for f in dataclasses.fields(Augment))
@@ -133,7 +138,8 @@ def flag_parser(description=None):
         if f.type is bool:
             parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, help=f.metadata.get("help"))
         else:
-            parser.add_argument(flag(f.name), type=f.type, choices=f.metadata.get("choices"), help=f.metadata.get("help"))
+            parser.add_argument(flag(f.name), type=f.type, choices=f.metadata.get("choices"),
+                                help=f.metadata.get("help"))
     return parser
 
 
@@ -184,7 +190,8 @@ def check(cfg):
     run_dir = Path(cfg.runs) / cfg.name
     if not cfg.resume and (run_dir / "last.pt").exists():
         raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --name")
-    existing = next(p for p in [run_dir, *run_dir.parents] if p.exists())  # the run folder is made only when training starts
+    # the run folder is made only when training starts
+    existing = next(p for p in [run_dir, *run_dir.parents] if p.exists())
     try:  # permission bits do not tell (root, read-only mounts, /proc): create a probe and remove it
         if not existing.is_dir():
             raise NotADirectoryError(existing)
@@ -196,8 +203,9 @@ def check(cfg):
 
 
 # What a resumed run may change: how long it goes on, and how (not what) it computes.
-RESUME_MAY_CHANGE = ("epochs", "max_steps", "log_every", "device", "compile", "compile_mode", "channels_last", "conv_impl",
-                     "threads", "checkpoint_every", "data", "allow_other_data", "tta")  # data: a moved copy, checked by fingerprint
+RESUME_MAY_CHANGE = ("epochs", "max_steps", "log_every", "device", "compile", "compile_mode", "channels_last",
+                     "conv_impl", "threads", "checkpoint_every", "allow_other_data", "tta",
+                     "data")  # data: a moved copy, checked by fingerprint
 
 
 def resumed(saved, given, run_dir):
@@ -206,7 +214,8 @@ def resumed(saved, given, run_dir):
     saved = Config(**{**saved, "resume": str(run_dir), "runs": str(run_dir.parent), "name": run_dir.name,
                       "allow_other_data": False})  # asked anew at each resume
     changed = {k: v for k, v in given.items() if getattr(saved, k) != v}
-    refused = [f"{flag(k)} {v} (the run has {getattr(saved, k)})" for k, v in changed.items() if k not in RESUME_MAY_CHANGE]
+    refused = [f"{flag(k)} {v} (the run has {getattr(saved, k)})" for k,
+               v in changed.items() if k not in RESUME_MAY_CHANGE]
     if refused:
         raise UserError(f"{', '.join(refused)}: a resumed run keeps its settings but "
                         f"{', '.join(flag(k) for k in RESUME_MAY_CHANGE)}; drop "

@@ -31,7 +31,8 @@ AUTO_DEVICES = ("cuda",)
 class ConvChoice:
     """What `choose_convs` decided: per layer, the implementation and why."""
     impl: dict = field(default_factory=dict)  # layer name -> "triton" or "torch"
-    errors: dict = field(default_factory=dict)  # layer name -> the kernels' worst relative error against fp32 / F.conv2d's
+    # layer name -> the kernels' worst relative error against fp32 / F.conv2d's
+    errors: dict = field(default_factory=dict)
     ms: dict = field(default_factory=dict)  # layer name -> {"triton": ms, "torch": ms}, forward + backward (auto only)
     notes: list = field(default_factory=list)  # fallbacks, one line each
     why: str = ""  # how the choice was made, for the start line
@@ -72,7 +73,8 @@ def time_layer(conv, impl, *, batch, size, dtype, memory_format, device, sync, c
     """Median milliseconds of one forward + backward of `conv` run by `impl`, after a warm-up."""
     x = torch.randn(batch, conv.in_channels, size, size, device=device, dtype=dtype)
     x = x.contiguous(memory_format=memory_format).requires_grad_()
-    dy = torch.randn(batch, conv.out_channels, size, size, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+    dy = torch.randn(batch, conv.out_channels, size, size, device=device,
+                     dtype=dtype).contiguous(memory_format=memory_format)
     weight, run = conv.weight.detach().to(dtype).requires_grad_(), IMPLEMENTATIONS[impl]
 
     def step():

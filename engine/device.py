@@ -84,12 +84,15 @@ def setup_env(cfg, threads_kept=False):
         threads, dali_threads = cfg.threads or max(1, idle // local_world), 1
     torch.set_num_threads(threads)
     why = f"{cores} cores, {idle} idle at start" + (f", {local_world} ranks on this machine" if local_world > 1 else "")
-    return Env(device=torch.device(f"cuda:{local}" if cuda else "cpu"), autocast=bf16_autocast if cuda else contextlib.nullcontext,
+    return Env(device=torch.device(f"cuda:{local}" if cuda else "cpu"),
+               autocast=bf16_autocast if cuda else contextlib.nullcontext,
                dtype=torch.bfloat16 if cuda else torch.float32,
                memory_format=memory_format(cfg.channels_last), rank=rank, world=world, ddp=ddp,
                batch=cfg.batch_size // world if cfg.batch_size else None, threads=threads,
-               dali_threads=dali_threads, threads_why=why + (", the run's own count, kept on resume (--threads changes it)"
-                                                             if threads_kept else ", --threads given" if cfg.threads else ""))
+               dali_threads=dali_threads,
+              threads_why=why + (", the run's own count, kept on resume (--threads changes it)"
+                                                             if threads_kept else ", --threads "
+                                                                                  "given" if cfg.threads else ""))
 
 
 def any_rank(flag, env):
@@ -236,8 +239,8 @@ def compile_checked(model, env, *, eval_batch, train_batch, mode="default", comp
             if not finite:
                 check.note = "the compiled training step gave a non-finite loss or gradient"
             elif check.error > 2 * check.eager_error + 1e-4:
-                check.note = (f"the compiled model disagrees with eager (relative error {check.error:.2e} against fp32, "
-                              f"eager at training precision {check.eager_error:.2e})")
+                check.note = (f"the compiled model disagrees with eager (relative error {check.error:.2e} against "
+                              f"fp32, eager at training precision {check.eager_error:.2e})")
             else:
                 check.model, check.compiled = fast, True
     except Exception as e:  # any compiler failure: train eager rather than not at all

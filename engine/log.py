@@ -18,12 +18,14 @@ from net import count_params
 from net.model import train_memory_bytes
 from pipelines import CLASSES
 
-from .config import SHORT_RUN, SHORT_RUN_RESULT, augment
 from .checkpoint import write_json
+from .config import SHORT_RUN, SHORT_RUN_RESULT, augment
 from .run import run_facts
 
-STEP_TAGS = {"loss": "loss/train_step", "acc": "accuracy/train_step", "lr": "lr/step", "img_per_s": "throughput/step_img_per_s"}
-EPOCH_TAGS = {"train_loss": "loss/train", "test_loss": "loss/test", "train_acc": "accuracy/train", "test_acc": "accuracy/test",
+STEP_TAGS = {"loss": "loss/train_step", "acc": "accuracy/train_step", "lr": "lr/step",
+             "img_per_s": "throughput/step_img_per_s"}
+EPOCH_TAGS = {"train_loss": "loss/train", "test_loss": "loss/test", "train_acc": "accuracy/train",
+              "test_acc": "accuracy/test",
               "ema_test_loss": "loss/test_ema", "ema_test_acc": "accuracy/test_ema",  # with --ema
               "lr": "lr/epoch", "img_per_s": "throughput/train_img_per_s", "epoch_s": "time/epoch_s"}
 COST_NOTICE_S = 900  # a CPU run longer than a quarter of an hour is told of the short run below
@@ -48,8 +50,8 @@ class Logger:
                       "conv_ms": convs.ms, "train_images": sizes[0], "test_images": sizes[1]}
         self.memory = train_memory_bytes(model, env.batch)
         self.writer = SummaryWriter(run_dir, flush_secs=10)  # curves show up while the first epoch runs
-        print(f"device: {self.facts['device']} x {env.world}, {env.precision_and_layout}, params {self.facts['params']:,}, "
-              f"{steps_per_epoch} steps/epoch of {cfg.batch_size}, {self.total} steps in all"
+        print(f"device: {self.facts['device']} x {env.world}, {env.precision_and_layout}, params "
+              f"{self.facts['params']:,}, {steps_per_epoch} steps/epoch of {cfg.batch_size}, {self.total} steps in all"
               + (f", compiled {check.graphs} graphs in {check.seconds:.0f} s (error against fp32 {check.error:.1e}, "
                  f"eager bf16 {check.eager_error:.1e})" if check.compiled else ""))
         print(f"convs: {convs.line()}")
@@ -58,7 +60,8 @@ class Logger:
         for note in notes + [check.note, schedule.note]:
             if note:
                 print(f"note: {note}")
-        epochs = math.ceil((self.total - state.step + state.step_in_epoch) / steps_per_epoch)  # this one's rest, then whole
+        # this one's rest, then whole
+        epochs = math.ceil((self.total - state.step + state.step_in_epoch) / steps_per_epoch)
         print(f"training {plural(epochs, 'epoch')}, {plural(self.total - state.step, 'step')}; run folder {run_dir}",
               flush=True)
         self.bar = tqdm(total=self.total, initial=state.step, unit="step", dynamic_ncols=True, leave=False)
@@ -72,7 +75,8 @@ class Logger:
     def step(self, epoch, step, m):
         """At log steps: the bar, per-step TensorBoard scalars, and on CPU one notice of the cost."""
         self.bar.set_description(f"epoch {epoch + 1}/{self.cfg.epochs}", refresh=False)
-        self.bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['acc']:.1%}", img_s=f"{m['img_per_s']:,.0f}", refresh=False)
+        self.bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['acc']:.1%}", img_s=f"{m['img_per_s']:,.0f}",
+                             refresh=False)
         self.bar.update(step + 1 - self.bar.n)
         for key, value in m.items():
             self.writer.add_scalar(STEP_TAGS[key], value, step + 1)
@@ -83,8 +87,8 @@ class Logger:
     def cost_notice(self, img_per_s, step):
         seconds = (self.total - step - 1) * self.cfg.batch_size / img_per_s
         if seconds > COST_NOTICE_S:
-            self.bar.write(f"note: on CPU at {img_per_s:,.0f} img/s this run needs about {seconds / 3600:.1f} h more and "
-                           f"{self.memory / 1e9:.1f} GB of memory; for a short run that visibly learns try "
+            self.bar.write(f"note: on CPU at {img_per_s:,.0f} img/s this run needs about {seconds / 3600:.1f} h more "
+                           f"and {self.memory / 1e9:.1f} GB of memory; for a short run that visibly learns try "
                            f"`{SHORT_RUN}` ({SHORT_RUN_RESULT}), and for less memory a smaller --batch-size "
                            f"(scale --lr with it)")
 
@@ -118,7 +122,8 @@ class Logger:
         self.bar.close()
         final, last = state.history[-1]["test_acc"], state.epoch
         for i, name in enumerate(CLASSES):
-            self.writer.add_scalar(f"test_class_accuracy/{name}", (confusion[i, i] / confusion[i].sum().clamp_min(1)).item(), last)
+            self.writer.add_scalar(f"test_class_accuracy/{name}",
+                                   (confusion[i, i] / confusion[i].sum().clamp_min(1)).item(), last)
         self.writer.add_image("pictures/confusion_matrix", confusion_image(confusion.numpy(), CLASSES), last,
                               dataformats="HWC")
         self.hparams()
@@ -127,7 +132,8 @@ class Logger:
         reached = (f"reached {self.cfg.target_acc:.0%} at epoch {state.target_epoch} ({state.target_wall_s:.1f} s)"
                    if state.target_epoch else f"did not reach {self.cfg.target_acc:.0%}")
         print(f"done: best test acc {state.best_acc:.2%}, final {final:.2%}"
-              + (f" ({tta:.2%} with flip TTA)" if tta is not None else "") + f", {reached}; {self.run_dir}/summary.json")
+              + (f" ({tta:.2%} with flip TTA)" if tta is not None else "") + f", {reached}; "
+                                                                             f"{self.run_dir}/summary.json")
 
     def hparams(self):
         """The resolved settings in TensorBoard's HPARAMS table, beside the final and best test accuracy.

@@ -65,7 +65,8 @@ def make_schedule(cfg, optimizer, steps_per_epoch):
     if warmup > total // 2:  # the recipe's warm-up would fill most of a short run: a tenth of it instead
         short = max(1, total // 10)
         warmup, note = short, (f"the {cfg.warmup_epochs:g}-epoch warm-up ({warmup} steps) would fill most of this "
-                               f"{total}-step run: warming up over {short} step{'s' * (short != 1)} instead, then decaying to 0")
+                               f"{total}-step run: warming up over {short} step{'s' * (short != 1)} instead, then "
+                               "decaying to 0")
 
     def factor(step):  # of the peak lr: 0.1 -> 1 over the warm-up, then linearly to 0 at the end
         if step < warmup:
@@ -134,7 +135,8 @@ def train_epoch(model, optimizer, loader, env, *, schedule=None, ema=None, label
     """One epoch of `loader`, numbered from step `start`, ending before step `stop_at` if given.
 
     The loop train.py runs and the bench times. Per step: `train_step`, then the schedule's
-    `after_step()` and the weight average's `update()` (when there is one); loss and accuracy add up on the device. The host syncs
+    `after_step()` and the weight average's `update()` (when there is one); loss and accuracy add up on the device. The
+    host syncs
     only on log steps (every `log_every`-th and the last): there it raises NonFiniteLoss if any
     loss so far was not finite, and calls `log(step, metrics)` with the window since the last
     log step. After the step in which `stop.requested` turns true (Ctrl-C, or a checkpoint due),

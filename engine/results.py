@@ -58,7 +58,8 @@ def group_runs(runs, key=None):
         out.append({"settings": settings, "n": len(members), "seeds": [r["config"]["seed"] for r in members],
                     "label": label if key else ", ".join(f"{settings[k]}" if k in ("recipe", "device")
                                                          else f"{k} {settings.get(k)}" for k in shown),
-                    "final": mean_std([r["final_acc"] for r in members]), "best": mean_std([r["best_acc"] for r in members]),
+                    "final": mean_std([r["final_acc"] for r in members]),
+                   "best": mean_std([r["best_acc"] for r in members]),
                     "final_tta": mean_std([r.get("final_tta_acc") for r in members]),
                     "target_acc": members[0]["target_acc"], "reached": len(reached),
                     "epochs_to_target": mean_std([r["epoch_to_target"] for r in reached]),

@@ -208,7 +208,8 @@ def git_commit(root=ROOT):
 
     try:
         commit = git("rev-parse", "--short", "HEAD").stdout.strip()
-        return commit + ("+dirty" if git("diff", "--quiet", "HEAD", "--", "*.py").returncode else "") if commit else None
+        return commit + ("+dirty" if git("diff", "--quiet", "HEAD", "--",
+                                         "*.py").returncode else "") if commit else None
     except (OSError, subprocess.TimeoutExpired):
         return None
 

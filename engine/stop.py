@@ -69,7 +69,8 @@ class StopSignal:
                     self.signum = signum
                     print("\nstopping after this step (Ctrl-C again to quit now)", file=self.out, flush=True)
                     continue
-                what = "quitting now; the last checkpoint is kept" if self.armed else "interrupted before training; nothing saved"
+                what = ("quitting now; the last checkpoint is kept" if self.armed
+                        else "interrupted before training; nothing saved")
                 if not self.armed and self.before_quit is not None:
                     self.before_quit()
                 print(f"\n{what}", file=self.out, flush=True)

@@ -255,7 +255,8 @@ def covered(x, weight, dilation):
     """Whether the kernels cover this conv: 4-d input, a 3x3 weight of C*M outputs (M 1 or 2), one
     input channel per group, fp32/bf16/fp16, on a device where Triton runs."""
     return (x.dim() == 4 and weight.dim() == 4 and tuple(weight.shape[1:]) == (1, 3, 3) and dilation >= 1
-            and weight.shape[0] in (x.shape[1], 2 * x.shape[1]) and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and weight.shape[0] in (x.shape[1], 2 * x.shape[1]) and x.dtype in (torch.float32, torch.bfloat16,
+                                                                                torch.float16)
             and runs_kernels(x.device))
 
 

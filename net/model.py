@@ -142,7 +142,8 @@ def depthwise_convs(model):
     """{name: module} of the model's depthwise and grouped 3x3 convs, named by block: "C2.grouped",
     "C2.depthwise", ... (C1's first conv is a plain conv, so C1 has only its depthwise one)."""
     return {f"C{i}.{'depthwise' if m.in_channels == m.out_channels else 'grouped'}": m
-            for i, b in enumerate(model.features, 1) for layer in b for m in layer[:1] if isinstance(m, DepthwiseConv2d)}
+            for i,
+           b in enumerate(model.features, 1) for layer in b for m in layer[:1] if isinstance(m, DepthwiseConv2d)}
 
 
 def block_table(model):

@@ -30,7 +30,8 @@ class Augment:
     cutout_p: float = 0.5  # one square hole, centre uniform over the image, clipped, mean fill
     cutout_size: int = 16  # pixels
 
-    RANGES: ClassVar[dict] = {"flip_p": (0, 1), "ssr_p": (0, 1), "cutout_p": (0, 1), "shift": (0, 1), "scale": (0, 0.99),
+    RANGES: ClassVar[dict] = {"flip_p": (0, 1), "ssr_p": (0, 1), "cutout_p": (0, 1), "shift": (0, 1),
+                              "scale": (0, 0.99),
               "rotate": (0, 180), "cutout_size": (0, SIZE)}  # (low, high) of each
 
     def __post_init__(self):
@@ -43,7 +44,8 @@ class Augment:
         parts = [f"flip p={self.flip_p:g}" if self.flip_p else None,
                  f"shift-scale-rotate p={self.ssr_p:g} (shift {self.shift * SIZE:g} px, scale 1\u00b1{self.scale:g}, "
                  f"rotate \u00b1{self.rotate:g}\u00b0)" if self.ssr_p else None,
-                 f"cutout {self.cutout_size}x{self.cutout_size} p={self.cutout_p:g}" if self.cutout_p and self.cutout_size else None]
+                 f"cutout {self.cutout_size}x{self.cutout_size} "
+                 f"p={self.cutout_p:g}" if self.cutout_p and self.cutout_size else None]
         return ", ".join(p for p in parts if p) or "no augmentation"
 
 

@@ -102,13 +102,15 @@ class Loader:
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, not {dtype}")
         if memory_format not in (torch.channels_last, torch.contiguous_format):
-            raise ValueError(f"memory_format must be torch.channels_last or torch.contiguous_format, not {memory_format}")
+            raise ValueError("memory_format must be torch.channels_last or torch.contiguous_format, not "
+                             f"{memory_format}")
         if augment is not None and not isinstance(augment, Augment):
             raise ValueError(f"augment must be an Augment or None, not {type(augment).__name__}")
         self.encoded, self.size = is_encoded(images), SIZE
         if not self.encoded:
             images = np.ascontiguousarray(images)
-            if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3 or images.shape[1] != images.shape[2]:
+            square = images.ndim == 4 and images.shape[3] == 3 and images.shape[1] == images.shape[2]
+            if images.dtype != np.uint8 or not square:
                 raise ValueError(f"images must be uint8 (N, 32, 32, 3), not {images.dtype} {images.shape}")
             self.size = images.shape[1]  # 32: CIFAR; the bench's host-cost rows use 1 x 1 images
         self.batch_size, self.train, self.augment = batch_size, train, augment if train else None
@@ -170,14 +172,16 @@ class Loader:
         return cifar_graph(
             self._data, self._draws, device="gpu" if on_gpu else "cpu", encoded=self.encoded, augment=self.augment,
             mean=self.mean, std=self.std, batch_size=self.batch_size, num_threads=self.num_threads,
-            device_id=(torch.cuda.current_device() if self.device.index is None else self.device.index) if on_gpu else None,
+            device_id=(self.device.index if self.device.index is not None else torch.cuda.current_device()) if on_gpu
+            else None,
             seed=self.seed, prefetch_queue_depth=2, exec_dynamic=True)
 
     def __iter__(self):
         indices = self._shard_indices(self.epoch)
         if self.device.type == "cuda" and not self.encoded:
             indices = torch.from_numpy(indices).to(self.device)  # one upload per epoch: the batches are views
-        self._batches = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)][self.skip:len(self)]
+        self._batches = [indices[i:i + self.batch_size] for i in range(0, len(indices),
+                                                                       self.batch_size)][self.skip:len(self)]
         self._first, self._epoch_now = self.skip, self.epoch
         self.epoch, self.skip = self.epoch + 1, 0
         if self._pipe is None or not self._finished:

@@ -119,7 +119,8 @@ def _find_prefix(names, wanted):
 
 def _check_labels(labels, where):
     if labels.size and (labels.min() < 0 or labels.max() > 9):
-        raise DataError(f"{where}: label {int(labels.max() if labels.max() > 9 else labels.min())} outside 0..9; the file is not CIFAR-10")
+        raise DataError(f"{where}: label {int(labels.max() if labels.max() > 9 else labels.min())} outside 0..9; the "
+                        "file is not CIFAR-10")
 
 
 def _read_batch(files, name):
@@ -134,7 +135,8 @@ def _read_binary(files, prefix, batch_names):
         name = prefix + batch
         raw = np.frombuffer(_read_batch(files, name), dtype=np.uint8)
         if raw.size == 0 or raw.size % RECORD:
-            raise DataError(f"{files.where(name)}: {raw.size} bytes is not a whole number of {RECORD}-byte records; the file is truncated")
+            raise DataError(f"{files.where(name)}: {raw.size} bytes is not a whole number of {RECORD}-byte records; "
+                            "the file is truncated")
         records = raw.reshape(-1, RECORD)
         _check_labels(records[:, 0], files.where(name))
         labels.append(records[:, 0].astype(np.int64))
@@ -167,7 +169,8 @@ def _read_python(files, prefix, batch_names):
         try:
             d = _PlainDataUnpickler(io.BytesIO(blob), encoding="bytes").load()
         except pickle.UnpicklingError as e:
-            raise DataError(f"{files.where(name)}: not a plain-data CIFAR pickle ({e}); use the official tarball") from None
+            raise DataError(f"{files.where(name)}: not a plain-data CIFAR pickle ({e}); use the official "
+                            "tarball") from None
         except Exception as e:  # truncated or garbled pickle streams raise many types
             raise DataError(f"{files.where(name)}: corrupt pickle ({_short(e)}); fetch it again") from None
         try:
@@ -175,7 +178,8 @@ def _read_python(files, prefix, batch_names):
             lab = np.asarray(d[b"labels"], dtype=np.int64)
             data = data.reshape(len(lab), 3, 32, 32)
         except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{files.where(name)}: not a CIFAR-10 batch ({_short(e)}); use the official tarball") from None
+            raise DataError(f"{files.where(name)}: not a CIFAR-10 batch ({_short(e)}); use the official "
+                            "tarball") from None
         _check_labels(lab, files.where(name))
         images.append(data.transpose(0, 2, 3, 1))
         labels.append(lab)
@@ -194,7 +198,8 @@ def _tree_index(files, prefix, split):
         parts = n[len(prefix):].split("/")
         if len(parts) == 3 and parts[0] == split and n.lower().endswith(IMAGE_SUFFIXES):
             if parts[1] not in by_class:
-                raise DataError(f"{files.where(n)}: class folder '{parts[1]}' is not in train/; the splits must share classes")
+                raise DataError(f"{files.where(n)}: class folder '{parts[1]}' is not in train/; "
+                                "the splits must share classes")
             by_class[parts[1]].append(n)
     for c, members in by_class.items():
         if not members:
@@ -274,7 +279,8 @@ def _locate(root):
             parts = n.split("/")
             if "train" in parts[:-2] and n.lower().endswith(IMAGE_SUFFIXES):
                 return files, "tree", "/".join(parts[: parts.index("train")] + [""]).lstrip("/")
-    raise DataError(f"{root}: no CIFAR-10 found (official binary/python tarball, its folder, or train/<class>/ image tree); run `make data`")
+    raise DataError(f"{root}: no CIFAR-10 found (official binary/python tarball, its folder, or train/<class>/ image "
+                    "tree); run `make data`")
 
 
 def load_cifar10(root, split, *, encoded=False):
@@ -288,7 +294,8 @@ def load_cifar10(root, split, *, encoded=False):
     if fmt == "tree":
         return _read_tree(files, prefix, split, encoded)
     if encoded:
-        raise DataError(f"{files.path}: holds raw {fmt} records, not encoded images; use --source raw, or an image tree")
+        raise DataError(f"{files.path}: holds raw {fmt} records, not encoded images; "
+                        "use --source raw, or an image tree")
     spec = BINARY if fmt == "binary" else PYTHON
     read = _read_binary if fmt == "binary" else _read_python
     return read(files, prefix, spec[split])
@@ -314,7 +321,8 @@ def fingerprint(images, labels, sample=64):
     images_hash = hashlib.sha256()
     for i in picks:
         images_hash.update(np.ascontiguousarray(images[i]).tobytes())
-    return {"images": int(len(labels)), "labels_sha256": hashlib.sha256(np.asarray(labels, np.int64).tobytes()).hexdigest(),
+    return {"images": int(len(labels)),
+            "labels_sha256": hashlib.sha256(np.asarray(labels, np.int64).tobytes()).hexdigest(),
             "sample_sha256": images_hash.hexdigest()}
 
 

@@ -12,9 +12,11 @@ from .data import BINARY, DataError, download, import_copy, load_cifar10
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m pipelines.fetch",
-                                     description="Download CIFAR-10 (binary tarball, md5-checked) or import a local copy.")
+                                     description="Download CIFAR-10 (binary tarball, md5-checked) "
+                                                 "or import a local copy.")
     parser.add_argument("--out", default="data", help="data folder (default: data)")
-    parser.add_argument("--src", default=None, help="import this tarball, extracted folder or image tree instead of downloading")
+    parser.add_argument("--src", default=None,
+                        help="import this tarball, extracted folder or image tree instead of downloading")
     parser.add_argument("--url", default=BINARY["url"], help=argparse.SUPPRESS)
     parser.add_argument("--md5", default=BINARY["md5"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -23,7 +25,8 @@ def main(argv=None):
             import_copy(args.src, args.out)
         else:
             dest = download(args.url, Path(args.out) / BINARY["name"], args.md5)
-            print(f"{dest}: train {len(load_cifar10(dest, 'train')[1]):,} + test {len(load_cifar10(dest, 'test')[1]):,} images")
+            print(f"{dest}: train {len(load_cifar10(dest, 'train')[1]):,} + test "
+                  f"{len(load_cifar10(dest, 'test')[1]):,} images")
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2  # the user's to fix, as in every entry point of the project

@@ -215,7 +215,8 @@ def short_run(tmp_path_factory):
     channels_last. Tests that use it are marked xdist_group("short"), so one worker makes it once."""
     tmp = tmp_path_factory.mktemp("short")
     tree = write_image_tree(tmp / "jpeg", fmt="jpg")
-    r = train_here("--data", tree, "--source", "encoded", "--device", "cpu", "--limit-train", "32", "--limit-test", "20",
+    r = train_here("--data", tree, "--source", "encoded", "--device", "cpu", "--limit-train", "32", "--limit-test",
+                   "20",
                    "--batch-size", "8", "--eval-batch-size", "20", "--epochs", "5", "--max-steps", "3", "--ema", "0.9",
                    "--tta", "--no-channels-last", "--runs", tmp, "--name", "short")
     assert r.returncode == 0, r.stderr[-3000:]

@@ -35,7 +35,8 @@ def rejecting_compile_check(model, env, **kwargs):
 @pytest.mark.long
 def test_quick_cpu_bench_writes_every_figure(tmp_path, monkeypatch, capsys):
     # One more variant, compiled: its compile check rejects it, and the bench goes on with it eager.
-    variants = {**bench.model_variants("cpu"), "compiled fp32 channels_last": bench_model.Variant(torch.float32, True, True)}
+    variants = {**bench.model_variants("cpu"),
+                "compiled fp32 channels_last": bench_model.Variant(torch.float32, True, True)}
     for module in (bench, bench_model):  # the variants the bench lists, and those its model rows measure
         monkeypatch.setattr(module, "model_variants", lambda device: variants)
     monkeypatch.setattr(bench_model, "compile_checked", rejecting_compile_check)
@@ -57,7 +58,8 @@ def test_quick_cpu_bench_writes_every_figure(tmp_path, monkeypatch, capsys):
     assert all(r["augmented_ms"] > 0 and r["plain_ms"] > 0 for r in host["batches"].values())
     assert "augmentation host cost, cpu: " in report and "per doubling of the batch" in report
     for section in ("pipeline", "model", "end_to_end", "limit", "costs"):
-        values = list(numbers({k: v for k, v in res[section].items() if "host cost" not in k}))  # a difference: any sign
+        # a difference: any sign
+        values = list(numbers({k: v for k, v in res[section].items() if "host cost" not in k}))
         assert values and all(v > 0 for v in values), section
     best_model = max(v["img_per_s"] for k, v in res["model"].items() if k.startswith("train"))
     assert res["end_to_end"]["img_per_s"] <= 1.3 * best_model  # the pipeline cannot make training faster

@@ -62,7 +62,8 @@ def test_auto_keeps_the_faster_of_the_two_per_layer(monkeypatch):
     model = build_model()
     choice = choose_convs(model, CPU, "auto", **TINY)
     assert impls(model) == {"C1.depthwise": "torch", "C2.grouped": "torch", "C2.depthwise": "triton",
-                            "C3.grouped": "triton", "C3.depthwise": "triton", "C4.grouped": "triton", "C4.depthwise": "triton"}
+                            "C3.grouped": "triton", "C3.depthwise": "triton", "C4.grouped": "triton",
+                           "C4.depthwise": "triton"}
     assert choice.ms["C1.depthwise"] == {"triton": 3.0, "torch": 2.0}
     assert choice.line().startswith("C1.depthwise torch 3.00/2.00 ms, C2.grouped torch") and "timed" in choice.line()
 

@@ -5,9 +5,9 @@ import tarfile
 
 import numpy as np
 import pytest
+from conftest import add_bytes, binary_records, make_split, python_batch
 from PIL import Image
 
-from conftest import add_bytes, binary_records, make_split, python_batch
 from pipelines.data import BINARY, DataError, data_format, fingerprint, load_cifar10, subset, synthetic_cifar
 
 

@@ -39,7 +39,8 @@ def test_evaluate_gives_the_numbers_the_trainer_logged_plain_and_with_flip_tta(s
 @pytest.mark.xdist_group("short")
 def test_the_weight_average_is_evaluated_as_the_trainer_evaluated_it(short_run, capsys):
     run, _ = short_run
-    assert evaluate_script.main([str(run), "--checkpoint", "last", "--weights", "ema"]) == 0  # in-process: the CLI is above
+    # in-process: the CLI is above
+    assert evaluate_script.main([str(run), "--checkpoint", "last", "--weights", "ema"]) == 0
     out = capsys.readouterr().out
     logged = json.loads((run / "summary.json").read_text())["history"][-1]["ema_test_acc"]
     assert "last.pt, the weight average (epoch 1, step 3)" in out

@@ -4,8 +4,9 @@ import subprocess
 import sys
 
 from conftest import write_binary_tarball, write_image_tree
-from pipelines.data import BINARY
 from test_data import assert_split
+
+from pipelines.data import BINARY
 
 
 def run_data(*args):

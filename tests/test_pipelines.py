@@ -7,7 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import MEAN as CIFAR_MEAN, STD as CIFAR_STD, Augment, load_cifar10, make_loader
+from pipelines import MEAN as CIFAR_MEAN
+from pipelines import STD as CIFAR_STD
+from pipelines import Augment, load_cifar10, make_loader
 from pipelines.augment import draw_augment
 
 MEAN, STD = np.array(CIFAR_MEAN, np.float32), np.array(CIFAR_STD, np.float32)

@@ -34,7 +34,8 @@ def test_the_caption_says_the_recipe_drawn_and_fits_the_grid():
 
 def test_grid_names_each_row_in_a_margin():
     images = np.zeros((2, 32, 32, 3), np.uint8)
-    plain, named = augment_grid(images, draws=2, zoom=2), augment_grid(images, names=["automobile", "cat"], draws=2, zoom=2)
+    plain, named = augment_grid(images, draws=2, zoom=2), augment_grid(images, names=["automobile", "cat"], draws=2,
+                                                                       zoom=2)
     assert named.shape[0] == plain.shape[0] and named.shape[1] > plain.shape[1] + 40  # room for "automobile"
     margin = named[HEADER:, :named.shape[1] - plain.shape[1]]
     assert (margin < 128).any()  # text was drawn there

@@ -61,7 +61,8 @@ def test_run_state_adds_the_parts_of_an_epoch_cut_by_a_stop():
     row = {"epoch": 1, "test_acc": 0.4}
     assert state.end_epoch(row, eval_s=1.0, target_acc=0.3)  # the best so far
     assert row["resumed_at_step"] == 1 and state.history == [row] and state.partial is None
-    assert (state.epoch, state.step_in_epoch, state.best_acc, state.target_epoch, state.target_wall_s) == (1, 0, 0.4, 1, 6.0)
+    assert (state.epoch, state.step_in_epoch, state.best_acc, state.target_epoch, state.target_wall_s) == (1, 0, 0.4,
+                                                                                                           1, 6.0)
     for start, end in ((0, 2), (2, 4)):  # a checkpoint after step 2, in the same process: not a resume
         state.add_part({"loss_sum": 4.0, "correct": 2.0, "images": 8, "seconds": 1.0, "end": end}, start=start)
     row = {"epoch": 2, "test_acc": 0.3}
@@ -118,7 +119,8 @@ def test_results_name_the_commit_and_say_when_the_code_differs_from_it(tmp_path)
 
 def test_a_second_process_on_a_run_folder_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; from engine.run import RunFolderLock; "
-                               f"lock = RunFolderLock({str(tmp_path / 'run')!r}); print('locked', flush=True); time.sleep(600)"],
+                               f"lock = RunFolderLock({str(tmp_path / 'run')!r}); print('locked', flush=True); "
+                               "time.sleep(600)"],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"

@@ -1,7 +1,6 @@
 """bench/sweep.py (`make sweep`): a plan read and checked before anything runs, its runs in seed order, a
 budget that cuts the sweep, the same command resuming it, and the ranked table."""
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,8 @@ def write_plan(folder, text):
     ("fast: --dropuot 0", "plan.txt:3: unrecognized arguments: --dropuot 0; fix that line of the plan"),
     ("fast: --lr fast", "plan.txt:3: argument --lr: invalid float value: 'fast'"),
     ("fast: --lr -1", "plan.txt:3 (fast): --lr must be positive"),
-    ("fast: --batch-size 512", "plan.txt:3 (fast): --limit-train 256 is fewer images than one batch of 512"),  # with common
+    # with common
+    ("fast: --batch-size 512", "plan.txt:3 (fast): --limit-train 256 is fewer images than one batch of 512"),
     ("fast: --seed 3", "plan.txt:3: --seed is set by the sweep for each run"),
     ("control: --dropout 0.1", "plan.txt:3: a second variant named control (the first is at "),
     ("seeds: 0 zero", "plan.txt:3: `seeds:` takes distinct whole numbers"),
@@ -44,44 +44,98 @@ def test_the_first_plan_reads_as_train_py_would_take_it(tmp_path, monkeypatch):
     assert plan.seeds == [0, 1, 2, 3, 4] and "--tta" in plan.common and plan.variants["control"] == []
     assert plan.variants["no-dropout"] == ["--dropout", "0"] and len(plan.variants) >= 10
     jobs = plan.jobs()
-    assert [seed for _, seed, _ in jobs[:len(plan.variants)]] == [0] * len(plan.variants)  # every variant of seed 0 first
+    # every variant of seed 0 first
+    assert [seed for _, seed, _ in jobs[:len(plan.variants)]] == [0] * len(plan.variants)
     assert jobs[0][2] == "control-s0" and jobs[len(plan.variants)][2] == "control-s1"
 
 
-@pytest.mark.long
+# A stand-in for train.py with its contract and none of its cost (no torch: a run takes a tenth of a second):
+# --epochs E of one "step" each; summary.json after every epoch (complete at the end), last.pt beside it;
+# --resume DIR goes on from last.pt; SIGTERM saves and exits 143. Its accuracy is 0.1 a finished epoch plus
+# a thousandth of the seed, so the variant with more epochs ranks first. TRAINED counts epochs in a file.
+STAND_IN = r"""
+import argparse, json, signal, sys, time
+from pathlib import Path
+p = argparse.ArgumentParser()
+for f in ("--seed", "--epochs", "--threads"):
+    p.add_argument(f, type=int, default=1)
+p.add_argument("--runs"); p.add_argument("--name"); p.add_argument("--resume")
+a, _ = p.parse_known_args()
+run = Path(a.resume) if a.resume else Path(a.runs) / a.name
+state = json.loads((run / "last.pt").read_text()) if a.resume else {"seed": a.seed, "epochs": a.epochs, "done": []}
+run.mkdir(parents=True, exist_ok=True)
+def save(complete):
+    (run / "last.pt").write_text(json.dumps(state))
+    acc = [0.1 * (e + 1) + state["seed"] / 1000 for e in state["done"]]
+    (run / "summary.json").write_text(json.dumps({
+        "config": {"seed": state["seed"], "epochs": state["epochs"]}, "device": "cpu", "complete": complete,
+        "final_acc": acc[-1] if acc else None, "best_acc": max(acc, default=None), "target_acc": 0.85,
+        "epoch_to_target": None, "wall_s_to_target": None, "mean_train_img_per_s": 100.0,
+        "history": [{"epoch": e + 1, "test_acc": x} for e, x in zip(state["done"], acc)]}))
+def stop(*_):
+    save(False); print("stopped at an epoch's end, saved", flush=True); sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+print(f"training {state['epochs'] - len(state['done'])} epochs", flush=True)
+while len(state["done"]) < state["epochs"]:
+    time.sleep(0.3)
+    state["done"].append(len(state["done"]))
+    with open(Path(sys.argv[0]).with_name("TRAINED"), "a") as f:
+        f.write(f"{run.name} {len(state['done'])}\n")
+    save(len(state["done"]) == state["epochs"])
+print("done:", flush=True)
+"""
+
+
 def test_a_sweep_cut_by_its_budget_resumes_where_it_stopped_and_ranks_every_variant(tmp_path, capsys):
-    runs = tmp_path / "runs"
-    plan = sweep.read_plan(write_plan(tmp_path, f"seeds: 0 1\ncommon: {SMOKE}\none-epoch:\n"
-                                                "two-epochs: --epochs 2  # the run the budget cuts\n"), runs)
-    assert [name for *_, name in plan.jobs()] == ["one-epoch-s0", "two-epochs-s0", "one-epoch-s1", "two-epochs-s1"]
+    """The sweep's own work, with the stand-in above for train.py (its contract is train.py's own tests'):
+    every variant of seed 0 first; past the budget the running run gets SIGTERM and nothing new starts; the same
+    command again skips the finished, resumes the cut and runs the rest, nothing trained twice; the table ranks."""
+    trainer, runs = tmp_path / "stand_in.py", tmp_path / "runs"
+    trainer.write_text(STAND_IN)
+    plan = sweep.read_plan(write_plan(tmp_path, "seeds: 0 1\ncommon: --smoke\none-epoch: --epochs 1\n"
+                                                "three-epochs: --epochs 3  # the run the budget cuts\n"), runs)
+    assert [name for *_, name in plan.jobs()] == ["one-epoch-s0", "three-epochs-s0", "one-epoch-s1", "three-epochs-s1"]
 
-    def clock():  # the budget runs out once two-epochs-s0 has started training: its 4 steps take seconds
-        log = runs / "logs" / "two-epochs-s0.log"
-        return 1e9 if log.exists() and "training 2 epochs" in log.read_text() else 0.0
+    def clock():  # the budget runs out once three-epochs-s0 has finished its first epoch
+        summary = runs / "three-epochs-s0" / "summary.json"
+        return 1e9 if summary.exists() and json.loads(summary.read_text())["history"] else 0.0
 
-    assert sweep.Sweep(plan, runs, parallel=1, budget_s=60, clock=clock).run() == 0
+    assert sweep.Sweep(plan, runs, parallel=1, budget_s=60, clock=clock, trainer=trainer).run() == 0
     out = capsys.readouterr().out
-    assert "two-epochs-s0: cut (saved; resumed next time)" in out and "stopped by the budget of 60 s" in out
+    assert "three-epochs-s0: cut (saved; resumed next time)" in out and "stopped by the budget of 60 s" in out
     assert "1 of 4 runs done, 1 cut, 2 not started" in out
     done = runs / "one-epoch-s0" / "summary.json"
     first = done.stat().st_mtime_ns
     table = json.loads((runs / "sweep.json").read_text())["variants"]
     assert [(v["variant"], v["n"], v["runs"]) for v in table] == [
         ("one-epoch", 1, {"done": 1, "cut": 0, "failed": 0, "new": 1}),
-        ("two-epochs", 0, {"done": 0, "cut": 1, "failed": 0, "new": 1})]
+        ("three-epochs", 0, {"done": 0, "cut": 1, "failed": 0, "new": 1})]
     assert not (runs / "one-epoch-s1").exists()  # nothing started past the budget
 
-    time.sleep(0.01)
-    assert sweep.main([str(plan.path), "--runs", str(runs)]) == 0  # the same command again
+    again = sweep.Sweep(sweep.read_plan(plan.path, runs), runs, parallel=1, trainer=trainer)  # the same command again
+    assert again.run() == 0
     out = capsys.readouterr().out
-    assert "(1 done already)" in out and "two-epochs-s0: resumed" in out and "one-epoch-s0" not in out.split("\n", 1)[1]
+    assert "(1 done already)" in out and "three-epochs-s0: resumed" in out and "one-epoch-s0" not in out.split("\n", 1)[1]
     assert done.stat().st_mtime_ns == first  # the finished run was left alone
-    log = (runs / "logs" / "two-epochs-s0.log").read_text()
-    assert log.count("\n== ") == 1 and "--resume" in log.split("\n== ")[1] and "stopped at" in log
-    resumed = json.loads((runs / "two-epochs-s0" / "summary.json").read_text())
-    assert resumed["complete"] and resumed["steps"] == 4 and [h["epoch"] for h in resumed["history"]] == [1, 2]
+    trained = sorted((tmp_path / "TRAINED").read_text().split("\n")[:-1])
+    assert trained == ["one-epoch-s0 1", "one-epoch-s1 1", "three-epochs-s0 1", "three-epochs-s0 2", "three-epochs-s0 3",
+                       "three-epochs-s1 1", "three-epochs-s1 2", "three-epochs-s1 3"]  # every epoch once
+    assert "--resume" in (runs / "logs" / "three-epochs-s0.log").read_text().split("\n== ")[1]
     data = json.loads((runs / "sweep.json").read_text())
-    assert [(v["n"], v["runs"]["done"]) for v in data["variants"]] == [(2, 2), (2, 2)]
-    assert data["variants"][0]["final"][0] >= data["variants"][1]["final"][0]  # ranked by mean final accuracy
+    assert [(v["variant"], v["n"], v["runs"]["done"]) for v in data["variants"]] == [("three-epochs", 2, 2),
+                                                                                      ("one-epoch", 2, 2)]
+    assert data["variants"][0]["final"][0] == pytest.approx(0.3005) == data["variants"][0]["curve"][2]
     markdown = (runs / "sweep.md").read_text()
-    assert "| 1    | " in markdown and "Mean test accuracy after each epoch" in markdown and "| two-epochs |" in markdown
+    assert "| 1    | three-epochs |" in markdown and "Mean test accuracy after each epoch" in markdown
+
+
+@pytest.mark.long
+def test_a_sweep_runs_train_py_and_tables_what_it_wrote(tmp_path, capsys):
+    """One real train.py run through the sweep: its command line taken, its summary read."""
+    runs = tmp_path / "runs"
+    assert sweep.main([str(write_plan(tmp_path, f"common: {SMOKE}\ncontrol:\n")), "--runs", str(runs)]) == 0
+    assert "control-s0: done after " in capsys.readouterr().out
+    [row] = json.loads((runs / "sweep.json").read_text())["variants"]
+    summary = json.loads((runs / "control-s0" / "summary.json").read_text())
+    assert summary["complete"] and summary["config"]["seed"] == 0 and summary["config"]["threads"] >= 1
+    assert row["n"] == 1 and row["final"][0] == summary["final_acc"] and len(row["curve"]) == 1

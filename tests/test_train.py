@@ -25,13 +25,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TRAIN_ENV as ENV  # train.py run directly, as a user would: not as a child of `make test`
+from conftest import train_here, write_image_tree
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 import net
-from conftest import TRAIN_ENV as ENV  # train.py run directly, as a user would: not as a child of `make test`
-from conftest import train_here, write_image_tree
 from net import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LEARN = ["--smoke", "--optimizer", "adam", "--lr", "0.007", "--warmup-epochs", "0.5", "--limit-train", "32",
          "--batch-size", "8", "--limit-test", "16", "--epochs", "3", "--target-acc", "0.25", "--threads", "1",
          "--ema", "0.9", "--bn-reestimate", "16"]  # with a weight average: evaluated beside the weights, saved, resumed
-TINY = ["--smoke", "--limit-train", "32", "--limit-test", "32"]  # 2 steps of 16 an epoch: for what needs steps, not learning
+# 2 steps of 16 an epoch: for what needs steps, not learning
+TINY = ["--smoke", "--limit-train", "32", "--limit-test", "32"]
 
 
 def train(*args, timeout=600):
@@ -130,7 +131,8 @@ def test_tensorboard_has_step_curves_epoch_curves_and_pictures(learned):
     for tag in ("loss/train_step", "accuracy/train_step", "lr/step", "throughput/step_img_per_s", "loss/train",
                 "accuracy/train", "loss/test", "accuracy/test", "accuracy/best_test", "lr/epoch", "accuracy/test_ema",
                 "loss/test_ema",
-                "throughput/train_img_per_s", "time/epoch_s", "test_class_accuracy/airplane", "test_class_accuracy/truck"):
+                "throughput/train_img_per_s", "time/epoch_s", "test_class_accuracy/airplane",
+               "test_class_accuracy/truck"):
         assert tag in scalars, tag
     assert [e.step for e in events.Scalars("loss/train_step")] == list(range(1, 13))  # log_every is 1 on CPU
     assert [e.step for e in events.Scalars("accuracy/test")] == [1, 2, 3]
@@ -206,7 +208,8 @@ def test_the_start_says_what_will_run(short_run):
     assert "4 steps/epoch of 8, 3 steps in all" in out and "training 1 epoch, 3 steps;" in out
     assert "threads: torch " in out and "augmentation: flip p=0.5, shift-scale-rotate p=0.5" in out
     assert "device: cpu x 1, fp32 NCHW, params" in out  # --no-channels-last
-    assert "convs: torch for all 7 depthwise and grouped convs (--conv-impl auto: the kernels are timed on CUDA only)" in out
+    assert ("convs: torch for all 7 depthwise and grouped convs (--conv-impl auto: the kernels are timed on CUDA only)"
+            in out)
     assert "a short run (3 steps;" in out and "re-estimated on 32 train images" in out
 
 
@@ -462,7 +465,8 @@ def two_nodes(*args):
     for rank in (0, 1):
         out = subprocess.PIPE if rank == 0 else tempfile.TemporaryFile("w+")
         err = tempfile.TemporaryFile("w+")
-        nodes.append(subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node",
+        nodes.append(subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+                                       "--nproc_per_node",
                                        "1", "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port",
                                        str(port), str(ROOT / "train.py"), *map(str, args)], stdout=out, stderr=err,
                                       text=True, cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "1"}))
