@@ -26,7 +26,7 @@ from .errors import UserError  # noqa: F401 (raised here, and imported from here
 RECIPES = {
     # SGD + Nesterov with a short warm-up and a linear decay to 0, label smoothing, a large batch:
     # the usual way to reach a fixed accuracy in few epochs. Weight decay skips BN and biases.
-    # Chosen from practice, not yet measured on a GPU here (see README).
+    # Chosen from practice; on one H100, 78% after 15 epochs (docs/bench.md); bench/plans/fast-15.txt is its sweep.
     "fast": dict(epochs=15, batch_size=512, optimizer="sgd", lr=0.2, weight_decay=5e-4, label_smoothing=0.1,
                  schedule="onecycle", warmup_epochs=2.0, dropout=0.05, eval_batch_size=1000),
     # The original design: Adam 1e-3 with weight decay 1e-4 (its training configuration lists
@@ -37,7 +37,7 @@ RECIPES = {
 # `--smoke`: the whole path in seconds on a CPU, on `synthetic_cifar` data, no download.
 SMOKE = dict(epochs=1, batch_size=16, eval_batch_size=64, device="cpu", compile=False, limit_train=256,
              limit_test=128)
-# The short run the README and the CPU notice suggest, and what it gave (measured, see README).
+# The short run docs/training.md and the CPU notice suggest, and what it gave (measured there).
 SHORT_RUN = "python train.py --device cpu --recipe seed --limit-train 2500 --limit-test 1000 --epochs 2 --batch-size 32"
 SHORT_RUN_RESULT = "about 32% test accuracy, chance being 10%, in 9 minutes on a 2-core CPU"
 SHORT = 500  # steps: fewer, and BatchNorm's running averages (momentum 0.1) lag the still fast-moving weights
@@ -85,8 +85,8 @@ class Config:
     compile: bool = field(default=None, metadata={"help": "torch.compile (default: on with CUDA, off on CPU)"})
     compile_mode: str = field(default="default", metadata={"help": "torch.compile mode, e.g. max-autotune"})
     channels_last: bool = field(default=True, metadata={
-        "help": "the model and its batches in channels_last memory (--no-channels-last: NCHW, faster for this "
-                "model's convs on an H100: see README)"})
+        "help": "the model and its batches in channels_last memory (--no-channels-last: NCHW; docs/bench.md "
+                "has what each layout measured)"})
     conv_impl: str = field(default="auto", metadata={
         "choices": ["auto", "triton", "torch"],
         "help": "what runs the depthwise and grouped convs: torch (F.conv2d), triton (the project's kernels, "
