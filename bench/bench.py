@@ -112,8 +112,10 @@ def run(args):
 
     def record(section, key, row):
         results[section][key] = row
+        floats = {k: v for k, v in row.items() if isinstance(v, float)} or \
+            {f"batch {b} ms": r["cost_ms"] for b, r in row.get("batches", {}).items()}  # the host-cost sweep
         print(f"  {key}: " + (f"{figure(row['img_per_s'])} img/s" if "img_per_s" in row else
-                              ", ".join(f"{k} {v:.3g}" for k, v in row.items() if isinstance(v, float))), flush=True)
+                              ", ".join(f"{k} {v:.3g}" for k, v in floats.items())), flush=True)
         save()
 
     torch.manual_seed(cfg.seed)

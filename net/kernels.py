@@ -212,9 +212,11 @@ def _backward(dy, x, weight, dilation):
 
 # --- torch.library: one opaque op each way, so that torch.compile sees the kernels as ops, not a break ---
 # needs_exact_strides: Inductor hands the ops tensors with the strides they were traced with, so the
-# output layouts the fake implementations promise are those the kernels write.
+# output layouts the fake implementations promise are those the kernels write (torch before that tag:
+# the nearest older one, a fixed stride order).
+STRIDES = (getattr(torch.Tag, "needs_exact_strides", torch.Tag.needs_fixed_stride_order),)
 
-@torch.library.custom_op("dalicifar::dwconv", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
+@torch.library.custom_op("dalicifar::dwconv", mutates_args=(), tags=STRIDES)
 def dwconv_op(x: torch.Tensor, weight: torch.Tensor, dilation: int) -> torch.Tensor:
     return _forward(x, weight, dilation)
 
@@ -224,7 +226,7 @@ def _(x, weight, dilation):
     return _empty_like_output(x, weight.shape[0])
 
 
-@torch.library.custom_op("dalicifar::dwconv_backward", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
+@torch.library.custom_op("dalicifar::dwconv_backward", mutates_args=(), tags=STRIDES)
 def dwconv_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                        dilation: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _backward(dy, x, weight, dilation)
