@@ -91,11 +91,12 @@ def test_figures_keep_the_digits_they_need():
     assert [figure(v) for v in (0.5, 12.34, 99.96, 1234.5)] == ["0.5", "12.3", "100", "1,234"]
 
 
-def test_data_smaller_than_a_batch_is_one_line(image_tree, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--device", "cpu", "--data", str(image_tree),
-                        "--out", str(tmp_path / "results")], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr[-3000:]
-    assert "fewer than the 256 of one batch" in r.stderr and not (tmp_path / "results").exists()
+def test_data_smaller_than_a_batch_is_one_line(image_tree, tmp_path, capsys):
+    out = str(tmp_path / "results")
+    assert bench.main(["--quick", "--device", "cpu", "--data", str(image_tree), "--out", out]) == 2  # its exit status
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "fewer than the 256 of one batch" in err
+    assert not (tmp_path / "results").exists()
 
 
 def test_measure_reports_median_and_spread():

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 import evaluate as evaluate_script
+from engine.cli import run_main
 from engine.config import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,10 +48,11 @@ def test_the_weight_average_is_evaluated_as_the_trainer_evaluated_it(short_run, 
     assert f"test accuracy: {logged:.2%} (the trainer logged {logged:.2%} for this checkpoint)" in out
 
 
-def test_a_missing_run_is_one_line_and_exit_2(tmp_path):
-    r = evaluate(tmp_path / "missing")
-    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
-    assert "is not a folder; pass a run folder that train.py wrote" in r.stderr
+def test_a_missing_run_is_one_line_and_exit_2(tmp_path, capsys):
+    assert run_main(evaluate_script.main, [str(tmp_path / "missing")]) == 2  # what `python evaluate.py` exits with
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "is not a folder; pass a run folder that train.py wrote" in err
 
 
 @pytest.mark.parametrize("what, message", [  # the same one line (in-process here: the exit is tested above)
