@@ -161,8 +161,8 @@ class Sweep:
         argv = ["--resume", str(self.runs / name)] if resume else \
             [*self.plan.common, *self.plan.variants[variant], "--seed", str(seed), "--runs", str(self.runs),
              "--name", name]
-        return [sys.executable, str(self.trainer),
-                *argv] + (["--threads", str(self.threads)] if self.threads else [])
+        threads = ["--threads", str(self.threads)] if self.threads else []  # a CPU's share (a resume may change it)
+        return [sys.executable, str(self.trainer), *argv, *threads]
 
     def say(self, line):
         print(line, file=self.out, flush=True)
