@@ -26,17 +26,11 @@ from net import build_model
 from net.kernels import dwconv, runs_kernels
 from net.model import DepthwiseConv2d
 
+from .model import copy_bandwidth
 from .timing import measure
 
 LAYOUTS = {"channels_last": torch.channels_last, "NCHW": torch.contiguous_format}
 IMPLEMENTATIONS = ("torch channels_last", "torch NCHW", "triton channels_last", "triton NCHW")
-
-
-def copy_bandwidth(device, timing):
-    """Bytes per second a device-to-device copy moves (read + write), as the bench's limit measures it."""
-    src = torch.empty((64 if device.type == "cpu" else 1024) * 2**20, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    return measure(lambda: dst.copy_(src), images_per_step=2 * src.numel(), **timing)["img_per_s"]
 
 
 def conv_rows(device, dtype, batch, timing, bandwidth=None):

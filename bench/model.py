@@ -129,14 +129,20 @@ def bench_end_to_end(cfg, model, env, images, labels, timing):
     return {**result, "batch": cfg.batch_size, "images_per_epoch": len(loader) * cfg.batch_size}
 
 
+def copy_bandwidth(device, timing):
+    """Bytes per second a device-to-device copy moves (read + write): the memory floor's rate."""
+    device = torch.device(device)
+    src = torch.empty((64 if device.type == "cpu" else 1024) * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return measure(lambda: dst.copy_(src), images_per_step=2 * src.numel(), **timing)["img_per_s"]
+
+
 def bench_limit(device, dtype_bytes, sync, quick):
     n = 1024 if quick else 2048 if device == "cpu" else 8192
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     mm = measure(lambda: a @ b, images_per_step=1, steps=3 if device == "cpu" else 20, repeats=5, warmup=2, sync=sync)
-    src = torch.empty(64 * 2**20 if device == "cpu" else 1024 * 2**20, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    cp = measure(lambda: dst.copy_(src), images_per_step=1, steps=5, repeats=5, warmup=2, sync=sync)
+    bandwidth = copy_bandwidth(device, dict(steps=5, repeats=5, warmup=2, sync=sync))
     model = build_model()
     macs = count_macs(model)
     flops = 3 * 2 * macs  # forward 2 FLOPs per MAC; backward twice the forward (input and weight grads)
@@ -144,7 +150,7 @@ def bench_limit(device, dtype_bytes, sync, quick):
     # Each saved activation is written in forward and read in backward, and its gradient is written
     # and read once in backward: 4 touches per element at the training dtype, plus the uint8 image.
     bytes_per_image = 4 * dtype_bytes * elements + 3 * 32 * 32
-    tflops, gbps = mm["img_per_s"] * 2 * n**3 / 1e12, cp["img_per_s"] * 2 * src.numel() / 1e9  # copy: read + write
+    tflops, gbps = mm["img_per_s"] * 2 * n**3 / 1e12, bandwidth / 1e9
     floor = min(tflops * 1e12 / flops, gbps * 1e9 / bytes_per_image)
     return {"macs_per_image": macs, "train_flops_per_image": flops, "activation_elements_per_image": elements,
             "train_bytes_per_image": bytes_per_image, "matmul_tflops": tflops, "copy_gb_per_s": gbps,
