@@ -1,14 +1,17 @@
 """bench/sweep.py (`make sweep`): a plan read and checked before anything runs, its runs in seed order, a
 budget that cuts the sweep, the same command resuming it, and the ranked table."""
+import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 from bench import sweep
+from engine.config import Config, flag_parser, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
-# 2 steps of 8 images an epoch, on generated data: a CPU takes about a second a step
+# train.py's smallest runs: 2 steps of 8 generated images an epoch
 SMOKE = "--smoke --limit-train 16 --batch-size 8 --limit-test 16 --eval-batch-size 16 --bn-reestimate 0"
 
 
@@ -130,13 +133,18 @@ def test_a_sweep_cut_by_its_budget_resumes_where_it_stopped_and_ranks_every_vari
     assert "| 1    | three-epochs |" in markdown and "Mean test accuracy after each epoch" in markdown
 
 
-@pytest.mark.long
-def test_a_sweep_runs_train_py_and_tables_what_it_wrote(tmp_path, capsys):
-    """One real train.py run through the sweep: its command line taken, its summary read."""
+def test_each_run_is_train_py_with_the_plans_settings_and_a_resume_with_its_folder(tmp_path):
+    """What the stand-in above does not show: the commands the sweep gives train.py are train.py's own flags,
+    and resolve to the settings the plan checked (the thread count aside, a CPU's share of the idle cores)."""
     runs = tmp_path / "runs"
-    assert sweep.main([str(write_plan(tmp_path, f"common: {SMOKE}\ncontrol:\n")), "--runs", str(runs)]) == 0
-    assert "control-s0: done after " in capsys.readouterr().out
-    [row] = json.loads((runs / "sweep.json").read_text())["variants"]
-    summary = json.loads((runs / "control-s0" / "summary.json").read_text())
-    assert summary["complete"] and summary["config"]["seed"] == 0 and summary["config"]["threads"] >= 1
-    assert row["n"] == 1 and row["final"][0] == summary["final_acc"] and len(row["curve"]) == 1
+    plan = sweep.read_plan(write_plan(tmp_path, f"seeds: 3\ncommon: {SMOKE}\nfast: --lr 0.1 --dropout 0\n"), runs)
+    s = sweep.Sweep(plan, runs, parallel=1)
+    argv = s.command("fast", 3, "fast-s3")
+    assert argv[:2] == [sys.executable, str(ROOT / "train.py")]
+    given = vars(flag_parser().parse_args(argv[2:]))
+    assert given["threads"] >= 1 and dataclasses.replace(resolve(Config(**given)), threads=None, name="fast-s3") == \
+        dataclasses.replace(s.planned["fast-s3"], name="fast-s3")
+    assert (given["lr"], given["dropout"], given["seed"], given["runs"]) == (0.1, 0.0, 3, str(runs))
+    s.state["fast-s3"] = "cut"  # a checkpoint to go on from
+    assert vars(flag_parser().parse_args(s.command("fast", 3, "fast-s3")[2:])) == {
+        "resume": str(runs / "fast-s3"), "threads": given["threads"]}
