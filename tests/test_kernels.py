@@ -19,7 +19,6 @@ from net.model import depthwise_convs
 
 pytestmark = pytest.mark.skipif(not kernels.HAVE_TRITON, reason="needs Triton (pip install -e '.[test]')")
 INTERPRETER_OFF = "Triton's interpreter is off: a GPU machine (the `cuda` tests run the kernels there)"
-# The interpreted tests are one pytest-xdist group: one worker rewrites the kernels for the interpreter, once.
 
 # (input channels, outputs per input channel, dilation) of each depthwise and grouped conv of the model
 MODEL_CONVS = {name: (m.in_channels, m.out_channels // m.in_channels, m.dilation[0])
@@ -51,7 +50,6 @@ def assert_matches_conv2d(c, m, dilation, layout, dtype, n=2, h=7, w=9, seed=0, 
 
 
 @pytest.mark.skipif(not kernels.interpreting(), reason=INTERPRETER_OFF)
-@pytest.mark.xdist_group("triton")
 @pytest.mark.parametrize("layer", MODEL_CONVS)
 def test_every_depthwise_conv_of_the_model_matches_conv2d_in_both_layouts(layer):
     c, m, dilation = MODEL_CONVS[layer]
@@ -60,7 +58,6 @@ def test_every_depthwise_conv_of_the_model_matches_conv2d_in_both_layouts(layer)
 
 
 @pytest.mark.skipif(not kernels.interpreting(), reason=INTERPRETER_OFF)
-@pytest.mark.xdist_group("triton")
 @pytest.mark.parametrize("dilation, m, layout", [(1, 1, "NHWC"), (2, 2, "NCHW"), (3, 1, "NCHW"), (4, 2, "NHWC"),
                                                  (5, 2, "NCHW")])  # each dilation; each M in both layouts
 def test_every_dilation_on_odd_sizes(dilation, m, layout):
@@ -68,13 +65,11 @@ def test_every_dilation_on_odd_sizes(dilation, m, layout):
 
 
 @pytest.mark.skipif(not kernels.interpreting(), reason=INTERPRETER_OFF)
-@pytest.mark.xdist_group("triton")
 def test_fp16_in_and_out():
     assert_matches_conv2d(5, 2, 2, torch.channels_last, torch.float16)
 
 
 @pytest.mark.skipif(not kernels.interpreting(), reason=INTERPRETER_OFF)
-@pytest.mark.xdist_group("triton")
 def test_many_programs_and_chunks_cover_every_position_and_channel(monkeypatch):
     """Small tiles: several position blocks, channel blocks and backward chunks, each partly masked."""
     small = dict(BLOCK_P=8, BLOCK_C=4, num_warps=1)
@@ -86,7 +81,6 @@ def test_many_programs_and_chunks_cover_every_position_and_channel(monkeypatch):
 
 
 @pytest.mark.skipif(not kernels.interpreting(), reason=INTERPRETER_OFF)
-@pytest.mark.xdist_group("triton")
 def test_the_ops_pass_torch_library_opcheck():
     """Schema, autograd registration, fake (meta) implementation against the real one, and AOT dispatch."""
     x = torch.randn(2, 4, 5, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -95,7 +89,6 @@ def test_the_ops_pass_torch_library_opcheck():
 
 
 @pytest.mark.skipif(not kernels.interpreting(), reason=INTERPRETER_OFF)
-@pytest.mark.xdist_group("triton")
 def test_under_autocast_it_runs_at_the_autocast_dtype_as_conv2d_does():
     x, weight = torch.randn(2, 4, 6, 6), torch.randn(4, 1, 3, 3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -103,7 +96,6 @@ def test_under_autocast_it_runs_at_the_autocast_dtype_as_conv2d_does():
 
 
 @pytest.mark.skipif(not kernels.interpreting(), reason=INTERPRETER_OFF)
-@pytest.mark.xdist_group("triton")
 def test_what_the_kernels_do_not_cover_goes_to_conv2d(monkeypatch):
     calls = []
     monkeypatch.setattr(kernels, "dwconv_op", lambda *args: calls.append(args))
@@ -116,7 +108,6 @@ def test_what_the_kernels_do_not_cover_goes_to_conv2d(monkeypatch):
 
 
 @pytest.mark.skipif(not kernels.interpreting(), reason=INTERPRETER_OFF)
-@pytest.mark.xdist_group("triton")
 def test_a_model_run_by_the_kernels_equals_the_torch_model_forward_and_backward():
     torch.manual_seed(0)
     model = build_model(dropout=0.0)  # dropout's draws would differ between the two passes
@@ -134,7 +125,6 @@ def test_a_model_run_by_the_kernels_equals_the_torch_model_forward_and_backward(
 
 
 @pytest.mark.skipif(not kernels.interpreting(), reason=INTERPRETER_OFF)
-@pytest.mark.xdist_group("triton")
 def test_torch_compile_sees_one_op_each_way_and_no_graph_break():
     class Block(torch.nn.Module):
         def __init__(self):
