@@ -6,7 +6,8 @@ implementation that can run it: torch in channels_last (cuDNN) and in NCHW (PyTo
 depthwise kernel), and for the seven depthwise and grouped convs the project's Triton kernels in
 both layouts (net/kernels.py; CUDA only). Beside each time, the share of it that the conv's own
 memory traffic needs at the device's measured copy bandwidth (100%: memory speed): forward reads
-x and writes y, backward reads x and dy and writes dx. Then the profiler's top kernels over a few
+x and writes y, backward reads x and dy and writes dx. The tile autotune picked for each Triton kernel and
+shape (on CUDA). Then the profiler's top kernels over a few
 eager train steps in the trainer's layout, with its convs as `--conv-impl` chooses them.
 
 It repeats the measurement behind the 2026-11-26 H100 finding (bench/results/2026-11-26-h100-notes.md):
@@ -23,7 +24,7 @@ from engine.convs import choose_convs
 from engine.device import setup_env
 from engine.loop import make_optimizer, train_step
 from net import build_model
-from net.kernels import dwconv, runs_kernels
+from net.kernels import dwconv, runs_kernels, tiles
 from net.model import DepthwiseConv2d
 
 from .model import copy_bandwidth
@@ -90,6 +91,16 @@ def conv_table(rows, which):
     return "\n".join(lines)
 
 
+def tiles_table():
+    """Markdown: the tile each Triton kernel ran with for each shape it met (autotune's pick on CUDA), or ""."""
+    picked = tiles()
+    if not any(picked.values()):
+        return ""
+    lines = ["| kernel | shape | tile |", "|---|---|---|"]
+    return "\n".join(lines + [f"| {kind} | {shape} | {tile} |" for kind, shapes in picked.items()
+                              for shape, tile in shapes.items()])
+
+
 def top_kernels(cfg, env, steps=5, rows=15):
     """The profiler's table of the most expensive kernels (device time; CPU time on a CPU) over
     `steps` eager steps of the trainer's own `train_step` and optimizer, in its dtype and layout, its
@@ -142,6 +153,9 @@ def main(argv=None):
     rows = conv_rows(env.device, env.dtype, batch, timing, bandwidth)
     print("Forward\n\n" + conv_table(rows, 0) + "\n\nForward + backward (input and weight gradients)\n\n"
           + conv_table(rows, 1), flush=True)
+    if tiles_table():
+        print("\nThe Triton kernels' tiles (autotune's pick per shape, among net/kernels.py's TUNING):\n")
+        print(tiles_table())
     print(f"\nTop kernels over 5 eager train steps, {env.precision_and_layout}, --conv-impl {cfg.conv_impl}:\n")
     print(top_kernels(cfg, env))
     return 0

@@ -5,7 +5,7 @@ as each finishes, so a run that is cut short keeps what it found. The sections, 
 run (`--sections` picks some, in this order; versions always come first):
 - kernels: the project's Triton kernels against F.conv2d on every depthwise and grouped conv of
   the model, forward and both gradients, bf16 and fp32, both layouts, at batch 512: before
-  anything is timed;
+  anything is timed; then the tile autotune picked for each kernel and shape;
 - convs: every conv alone in each implementation, beside its memory time (`python -m bench.convs`),
   and the profiler's top kernels over the trainer's eager steps;
 - steps: the train step alone in every bench variant (eager and compiled, channels_last and
@@ -156,13 +156,18 @@ def kernels(batch=512):
                 rows[f"{name}, {dtype}, {layout}"] = {"error": error, "torch_error": torch_error, "ok": good}
                 lines.append(f"| {name} | {str(dtype).removeprefix('torch.')} | {layout} | {error:.2e} | "
                              f"{torch_error:.2e} | {'ok' if good else 'FAIL'} |")
+    from bench.convs import tiles_table
+    from net.kernels import tiles
+
+    lines += ["", "Tiles autotune picked (net/kernels.py's TUNING), per kernel and shape:", "", tiles_table()]
     return [f"- {'PASS' if ok else 'FAIL'}: batch {batch}, 32x32; each error the worst of output, input gradient and "
-            f"weight gradient, relative to the largest fp32 value", ""] + lines, {"ok": ok, "rows": rows}
+            f"weight gradient, relative to the largest fp32 value", ""] + lines, {"ok": ok, "rows": rows,
+                                                                                  "tiles": tiles()}
 
 
 def conv_breakdown():
     """`python -m bench.convs` on this GPU: each conv in each implementation, then the trainer's top kernels."""
-    from bench.convs import conv_rows, conv_table, copy_bandwidth, top_kernels
+    from bench.convs import conv_rows, conv_table, copy_bandwidth, tiles_table, top_kernels
 
     cfg, env = trainer_setup()
     timing = dict(steps=10, repeats=5, warmup=3, sync=torch.cuda.synchronize)
@@ -170,7 +175,8 @@ def conv_breakdown():
     rows = conv_rows(env.device, env.dtype, cfg.batch_size, timing, bandwidth)
     lines = [f"batch {cfg.batch_size}, {env.dtype}; ms (median of 5), in brackets the share the conv's memory traffic "
              f"needs at {bandwidth / 1e9:,.0f} GB/s", "", "Forward + backward:", "", conv_table(rows, 1), "",
-             "Forward:", "", conv_table(rows, 0), "", f"Top kernels, 5 eager train steps ({env.precision_and_layout}, "
+             "Forward:", "", conv_table(rows, 0), "", "Tiles autotune picked:", "", tiles_table(), "",
+             f"Top kernels, 5 eager train steps ({env.precision_and_layout}, "
              f"--conv-impl {cfg.conv_impl}):", "", "```", top_kernels(cfg, env), "```"]
     return lines, {"bandwidth": bandwidth, "rows": rows}
 

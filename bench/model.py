@@ -62,7 +62,8 @@ def prepare_model(cfg, env, key, results):
     torch.manual_seed(cfg.seed)
     model = build_model(dropout=cfg.dropout).to(cfg.device, memory_format=variant_env.memory_format)
     choice = choose_convs(model, variant_env, v.convs, batch=cfg.batch_size)
-    results["convs"][key] = {"line": choice.line(), "impl": choice.impl, "ms": choice.ms, "notes": choice.notes}
+    results["convs"][key] = {"line": choice.line(), "impl": choice.impl, "ms": choice.ms, "notes": choice.notes,
+                            "tiles": choice.tiles}
     if v.compiled:
         check = compile_checked(model, variant_env, eval_batch=cfg.batch_size, train_batch=cfg.batch_size,
                                 mode=cfg.compile_mode)

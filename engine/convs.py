@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from net.kernels import HAVE_TRITON, dwconv, dwconv_op, dwconv_reference, runs_kernels
+from net.kernels import HAVE_TRITON, dwconv, dwconv_op, dwconv_reference, runs_kernels, tiles
 from net.model import depthwise_convs
 
 from .device import relative_error
@@ -35,6 +35,7 @@ class ConvChoice:
     errors: dict = field(default_factory=dict)
     ms: dict = field(default_factory=dict)  # layer name -> {"triton": ms, "torch": ms}, forward + backward (auto only)
     notes: list = field(default_factory=list)  # fallbacks, one line each
+    tiles: dict = field(default_factory=dict)  # kernel -> {shape: tile}: autotune's picks on CUDA (net/kernels.py)
     why: str = ""  # how the choice was made, for the start line
 
     def line(self):
@@ -47,6 +48,15 @@ class ConvChoice:
             t = self.ms.get(name)
             return f"{name} {self.impl[name]}" + (f" {t['triton']:.2f}/{t['torch']:.2f} ms" if t else "")
         return ", ".join(one(name) for name in self.impl) + f" ({self.why})"
+
+    def tiles_line(self):
+        """The kernels' tiles in one line, each with how many shapes it was picked for; "" where none ran."""
+        def picks(shapes):
+            if len(shapes) == 1:
+                return "{1} ({0})".format(*next(iter(shapes.items())))
+            counts = {tile: list(shapes.values()).count(tile) for tile in dict.fromkeys(shapes.values())}
+            return ", ".join(f"{tile} ({n} shape{'s' * (n > 1)})" for tile, n in counts.items())
+        return "; ".join(f"{kernel} {picks(shapes)}" for kernel, shapes in self.tiles.items() if shapes)
 
 
 def check_layer(conv, *, batch, size, dtype, memory_format, device, seed=0):
@@ -119,6 +129,8 @@ def choose_convs(model, env, want, *, batch, size=32):
                 ms = {k: time_layer(conv, k, sync=env.sync, **shape) for k in ("triton", "torch")}
                 choice.ms[name], impl = ms, min(ms, key=ms.get)
         choice.impl[name] = impl
+    if usable:  # what each kernel ran with: autotune picked it on the checks' and timings' shapes, the run's
+        choice.tiles = tiles()
     if env.ddp:  # rank 0's choice on every rank: one model, whatever each rank's timings said
         shared = [choice]
         dist.broadcast_object_list(shared, src=0)

@@ -47,7 +47,7 @@ class Logger:
         self.facts = {**run_facts(env), "params": count_params(model), "compiled": check.compiled,
                       "compile_s": check.seconds, "compile_graphs": check.graphs, "compile_error": check.error,
                       "eager_error": check.eager_error, "convs": convs.impl, "conv_errors": convs.errors,
-                      "conv_ms": convs.ms, "train_images": sizes[0], "test_images": sizes[1]}
+                      "conv_ms": convs.ms, "conv_tiles": convs.tiles, "train_images": sizes[0], "test_images": sizes[1]}
         self.memory = train_memory_bytes(model, env.batch)
         self.writer = SummaryWriter(run_dir, flush_secs=10)  # curves show up while the first epoch runs
         print(f"device: {self.facts['device']} x {env.world}, {env.precision_and_layout}, params "
@@ -55,6 +55,8 @@ class Logger:
               + (f", compiled {check.graphs} graphs in {check.seconds:.0f} s (error against fp32 {check.error:.1e}, "
                  f"eager bf16 {check.eager_error:.1e})" if check.compiled else ""))
         print(f"convs: {convs.line()}")
+        if convs.tiles_line():
+            print(f"conv tiles: {convs.tiles_line()}")
         print(f"threads: torch {env.threads}, DALI {env.dali_threads} ({env.threads_why})")
         print(f"augmentation: {augment(cfg).describe()}")
         for note in notes + [check.note, schedule.note]:

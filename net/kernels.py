@@ -49,10 +49,11 @@ def dwconv_reference(x, weight, dilation):
 # both layouts (NHWC: channels contiguous; NCHW: positions contiguous). Output channel co reads
 # input channel co // M. Accumulation is fp32 whatever the storage dtype.
 
-def _dwconv_forward_kernel(x, w, y, C_out, H, W, DIL,
+def _dwconv_forward_kernel(x, w, y, N, C_out, H, W, DIL,
                            sxn, sxc, sxh, sxw, syn, syc, syh, syw,
                            M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One program: BLOCK_P positions of image n x BLOCK_C output channels (grid: p blocks, N, c blocks)."""
+    """One program: BLOCK_P positions of image n x BLOCK_C output channels (grid: p blocks, N, c blocks).
+    N, the batch, is read by autotune's key only."""
     n = tl.program_id(1).to(tl.int64)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     co = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -74,11 +75,12 @@ def _dwconv_forward_kernel(x, w, y, C_out, H, W, DIL,
     tl.store(out, acc.to(y.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
 
 
-def _dwconv_backward_kernel(x, w, dy, dx, dw_partial, C_out, H, W, DIL, CHUNKS,
+def _dwconv_backward_kernel(x, w, dy, dx, dw_partial, N, C_out, H, W, DIL, PER_TILE,
                             sxn, sxc, sxh, sxw, syn, syc, syh, syw, sdn, sdc, sdh, sdw,
                             M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One program: CHUNKS blocks of BLOCK_P positions of image n x BLOCK_C output channels, and the
-    BLOCK_C // M input channels they read (grid: tiles of CHUNKS blocks, N, c blocks).
+    """One program: the PER_TILE positions of tile t of image n, BLOCK_P at a time, x BLOCK_C output
+    channels and the BLOCK_C // M input channels they read (grid: tiles, N, c blocks). The tiles are
+    the launcher's, not the configuration's, so the partials' rows do not depend on what autotune picks.
 
     Reads dy, x and w once each, and writes both gradients:
     - dx[p, ci] = sum over m, taps of dy[p - offset, ci*M + m] * w[ci*M + m, tap] (the transposed
@@ -95,10 +97,12 @@ def _dwconv_backward_kernel(x, w, dy, dx, dw_partial, C_out, H, W, DIL, CHUNKS,
     taps = tl.arange(0, 16)
     dw_acc = tl.zeros([16, BLOCK_C], dtype=tl.float32)
     x_img, dy_img = x + n * sxn + (co // M)[None, :] * sxc, dy + n * syn + co[None, :] * syc
-    for chunk in range(CHUNKS):
-        p = (tl.program_id(0) * CHUNKS + chunk) * BLOCK_P + tl.arange(0, BLOCK_P)
+    first = tl.program_id(0) * PER_TILE
+    end = tl.minimum(first + PER_TILE, H * W)
+    for start in range(first, end, BLOCK_P):
+        p = start + tl.arange(0, BLOCK_P)
         h, w_ = p // W, p % W
-        p_ok = p < H * W
+        p_ok = p < end
         dy_here = tl.load(dy_img + h[:, None] * syh + w_[:, None] * syw, mask=p_ok[:, None] & co_ok[None, :], other=0.0)
         dy_here = dy_here.to(tl.float32)
         dx_acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
@@ -128,15 +132,35 @@ def _dwconv_backward_kernel(x, w, dy, dx, dw_partial, C_out, H, W, DIL, CHUNKS,
 
 # --- launchers -------------------------------------------------------------------------------------
 
-# Tile sizes, per device and kernel. cuda: the largest tiles whose sm_90 build spills no registers
-# (ptxas -v; tests/test_kernels.py checks it), not yet timed on a GPU. cpu: Triton's interpreter,
-# whose cost is per program, so one wide channel block.
-BLOCKS = {"cuda": {"forward": dict(BLOCK_P=64, BLOCK_C=32, num_warps=4),
-                   "backward": dict(BLOCK_P=32, BLOCK_C=32, num_warps=4)},
-          "cpu": {"forward": dict(BLOCK_P=128, BLOCK_C=256, num_warps=1),
-                  "backward": dict(BLOCK_P=128, BLOCK_C=256, num_warps=1)}}
-BACKWARD_PROGRAMS = 2048  # the backward's grid aims at about this many programs: enough to fill a GPU,
-# few enough that its fp32 weight-gradient partials (tiles x C x 9 floats) stay small beside dy
+KERNELS = {"forward": _dwconv_forward_kernel, "backward": _dwconv_backward_kernel}
+
+# The tiles autotune may pick on CUDA, timed there on the first call of each shape; its key: the batch, channels,
+# map, dilation and layout below, and the tensors' dtypes, which autotune adds itself. Every one builds for sm_90a
+# with no register spill under both Tritons the project meets: the pinned one, and 3.6.0, which the lent GPU's
+# torch 2.11 brings (tests/test_kernels.py builds each and prints its registers per thread). In brackets, those
+# registers at the model's widest shapes (bf16, channels_last, 128 -> 256), Triton 3.9.0 / 3.6.0: the fewer, the
+# more blocks share a multiprocessor (65,536 registers), and these kernels only keep memory busy.
+TUNING = {"forward": [dict(BLOCK_P=32, BLOCK_C=32, num_warps=8),    # (58 / 92)
+                      dict(BLOCK_P=16, BLOCK_C=64, num_warps=8),    # (58 / 60)
+                      dict(BLOCK_P=32, BLOCK_C=32, num_warps=4),    # (126 / 161)
+                      dict(BLOCK_P=64, BLOCK_C=32, num_warps=8)],   # (126 / 163)
+          "backward": [dict(BLOCK_P=32, BLOCK_C=32, num_warps=8),   # (127 / 96)
+                       dict(BLOCK_P=16, BLOCK_C=64, num_warps=8),   # (125 / 106)
+                       dict(BLOCK_P=16, BLOCK_C=32, num_warps=8),   # (75 / 64)
+                       dict(BLOCK_P=32, BLOCK_C=64, num_warps=8)]}  # (204 / 143)
+AUTOTUNE_KEY = ["N", "C_out", "H", "W", "DIL", "sxn", "sxc"]  # sxn: C_in * H * W; sxc: 1 in NHWC, H * W in NCHW
+# Under Triton's interpreter one pinned configuration runs (autotune has broken there before, and times nothing
+# worth keeping): its cost is per program, so one wide block.
+INTERPRETED = {"forward": dict(BLOCK_P=128, BLOCK_C=256), "backward": dict(BLOCK_P=128, BLOCK_C=256)}
+# The backward's grid aims at about this many programs (at 32 channels a block): enough to fill a GPU, few enough
+# that its fp32 weight-gradient partials (tiles x C x 9 floats) stay small beside dy. Its tiles are whole multiples
+# of TILE_ALIGN positions, so of every BLOCK_P above.
+BACKWARD_PROGRAMS = 2048
+TILE_ALIGN = 64
+
+
+def cdiv(a, b):
+    return -(-a // b)
 
 
 def interpreting():
@@ -150,8 +174,8 @@ def runs_kernels(device):
 
 @functools.cache
 def _compiled(fn, interpreted):
-    """`fn` as a Triton kernel: built for the GPU, or interpreted on CPU tensors (chosen by the tensors'
-    device, so one process can run both). The kernels' globals `triton` and `tl` are bound here, on first use."""
+    """`fn` as a Triton kernel: built for the GPU, or interpreted on CPU tensors. The kernels' globals `triton`
+    and `tl` are bound here, on first use."""
     global triton, tl
     import triton
     import triton.language as tl
@@ -161,12 +185,42 @@ def _compiled(fn, interpreted):
     return InterpretedFunction(fn) if interpreted else JITFunction(fn)
 
 
-def _kernel(fn, device):
-    return _compiled(fn, device.type == "cpu" or interpreting())  # Triton builds nothing under TRITON_INTERPRET=1
+_autotuners = {}  # kind -> its kernel under triton.autotune, made at the first launch on CUDA
 
 
-def _blocks(device, kernel):
-    return BLOCKS["cpu" if device.type == "cpu" else "cuda"][kernel]
+def autotuned(kernel, kind):
+    """`kernel` (a Triton function of KERNELS[kind]) under triton.autotune among TUNING[kind], keyed by AUTOTUNE_KEY."""
+    configs = [triton.Config({k: v for k, v in c.items() if k != "num_warps"}, num_warps=c["num_warps"])
+               for c in TUNING[kind]]
+    return triton.autotune(configs, key=AUTOTUNE_KEY)(kernel)
+
+
+def _launch(kind, grid, *args, **constexprs):
+    """Run kernel `kind` over `grid(blocks)`: on CUDA autotuned among TUNING; under the interpreter (CPU tensors,
+    where Triton builds nothing) the one INTERPRETED configuration."""
+    if interpreting():
+        blocks = INTERPRETED[kind]
+        _compiled(KERNELS[kind], True)[grid(blocks)](*args, **constexprs, **blocks)
+        return
+    if kind not in _autotuners:
+        _autotuners[kind] = autotuned(_compiled(KERNELS[kind], False), kind)
+    _autotuners[kind][grid](*args, **constexprs)
+
+
+def tiles():
+    """{kernel: {shape: tile}}: under the interpreter its pinned tile; on CUDA autotune's pick for each shape it
+    has met ("128->256 32x32 d4 NHWC bfloat16, batch 512" -> "32x32, 8 warps"); empty before any launch."""
+    if interpreting():
+        return {kind: {"interpreter (pinned)": "{BLOCK_P}x{BLOCK_C}".format(**INTERPRETED[kind])} for kind in KERNELS}
+    picked = {}
+    for kind, tuner in _autotuners.items():
+        picked[kind] = {}
+        for key, config in tuner.cache.items():  # key: AUTOTUNE_KEY's values, then each tensor's dtype
+            n, c_out, h, w, dilation, sxn, sxc = key[:len(AUTOTUNE_KEY)]
+            shape = (f"{sxn // (h * w)}->{c_out} {h}x{w} d{dilation} {'NHWC' if sxc == 1 else 'NCHW'} "
+                     f"{str(key[len(AUTOTUNE_KEY)]).removeprefix('torch.')}, batch {n}")
+            picked[kind][shape] = "{BLOCK_P}x{BLOCK_C}".format(**config.kwargs) + f", {config.num_warps} warps"
+    return picked
 
 
 def output_format(x):
@@ -182,30 +236,38 @@ def _empty_like_output(x, channels):
 
 
 def _forward(x, weight, dilation):
-    kernel = _kernel(_dwconv_forward_kernel, x.device)
-    n, _, h, w = x.shape
+    n, c_in, h, w = x.shape
     c_out = weight.shape[0]
     y = _empty_like_output(x, c_out)
-    blocks = _blocks(x.device, "forward")
-    grid = (triton.cdiv(h * w, blocks["BLOCK_P"]), n, triton.cdiv(c_out, blocks["BLOCK_C"]))
-    kernel[grid](
-        x, weight.contiguous(), y, c_out, h, w, dilation, *x.stride(), *y.stride(), M=c_out // x.shape[1], **blocks)
+
+    def grid(blocks):
+        return cdiv(h * w, blocks["BLOCK_P"]), n, cdiv(c_out, blocks["BLOCK_C"])
+
+    _launch("forward", grid, x, weight.contiguous(), y, n, c_out, h, w, dilation, *x.stride(), *y.stride(),
+            M=c_out // c_in)
     return y
 
 
+def backward_tiles(n, c_out, positions):
+    """(tiles per image, positions per tile) of the backward's grid: about BACKWARD_PROGRAMS programs at 32
+    channels a block, each tile a whole multiple of TILE_ALIGN positions."""
+    want = max(1, min(cdiv(positions, TILE_ALIGN), BACKWARD_PROGRAMS // (n * cdiv(c_out, 32))))
+    per_tile = cdiv(cdiv(positions, want), TILE_ALIGN) * TILE_ALIGN
+    return cdiv(positions, per_tile), per_tile
+
+
 def _backward(dy, x, weight, dilation):
-    kernel = _kernel(_dwconv_backward_kernel, x.device)
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
     dx = _empty_like_output(x, c_in)
-    blocks = _blocks(x.device, "backward")
-    p_blocks, c_blocks = triton.cdiv(h * w, blocks["BLOCK_P"]), triton.cdiv(c_out, blocks["BLOCK_C"])
-    chunks = max(1, min(p_blocks, n * p_blocks * c_blocks // BACKWARD_PROGRAMS))
-    grid = (triton.cdiv(p_blocks, chunks), n, c_blocks)
-    partial = torch.empty((grid[0] * n, c_out, TAPS), dtype=torch.float32, device=x.device)
-    kernel[grid](
-        x, weight.contiguous(), dy, dx, partial, c_out, h, w, dilation, chunks, *x.stride(), *dy.stride(), *dx.stride(),
-        M=c_out // c_in, **blocks)
+    tiles_per_image, per_tile = backward_tiles(n, c_out, h * w)
+    partial = torch.empty((tiles_per_image * n, c_out, TAPS), dtype=torch.float32, device=x.device)
+
+    def grid(blocks):
+        return tiles_per_image, n, cdiv(c_out, blocks["BLOCK_C"])
+
+    _launch("backward", grid, x, weight.contiguous(), dy, dx, partial, n, c_out, h, w, dilation, per_tile,
+            *x.stride(), *dy.stride(), *dx.stride(), M=c_out // c_in)
     dw = partial.sum(0).view(weight.shape).to(weight.dtype)
     return dx, dw
 

@@ -36,6 +36,18 @@ def test_triton_runs_every_depthwise_conv_on_the_kernels_once_they_agree_with_co
     assert set(impls(model).values()) == {"triton"} and choice.notes == [] and choice.ms == {}
     assert len(choice.errors) == 7 and max(choice.errors.values()) < 1e-5  # fp32 here
     assert "triton for all 7" in choice.line() and "checked against F.conv2d" in choice.line()
+    assert choice.tiles_line() == "forward 128x256 (interpreter (pinned)); backward 128x256 (interpreter (pinned))"
+
+
+def test_the_tiles_line_counts_the_shapes_each_tile_was_picked_for():
+    tiles = {"forward": {"32->64 32x32 d2 NHWC bfloat16, batch 512": "32x32, 8 warps",
+                         "64->64 32x32 d3 NHWC bfloat16, batch 512": "16x64, 8 warps",
+                         "64->128 32x32 d3 NHWC bfloat16, batch 512": "32x32, 8 warps"},
+             "backward": {"32->64 32x32 d2 NHWC bfloat16, batch 512": "16x32, 8 warps"}}
+    assert convs.ConvChoice(tiles=tiles).tiles_line() == ("forward 32x32, 8 warps (2 shapes), 16x64, 8 warps (1 shape); "
+                                                          "backward 16x32, 8 warps (32->64 32x32 d2 NHWC bfloat16, "
+                                                          "batch 512)")
+    assert convs.ConvChoice().tiles_line() == ""  # torch convs: no kernel ran
 
 
 def test_a_kernel_that_disagrees_falls_back_to_torch_with_a_note(monkeypatch):
@@ -88,4 +100,5 @@ def test_on_cuda_auto_checks_and_times_every_layer_at_the_trainers_batch():
     model = build_model().cuda().to(memory_format=torch.channels_last)
     choice = choose_convs(model, env, "auto", batch=64)
     assert len(choice.ms) == len(choice.errors) == 7 and choice.notes == []
+    assert all(len(shapes) == 7 for shapes in choice.tiles.values())  # autotune's pick for each layer's shape
     assert all(impl == min(choice.ms[name], key=choice.ms[name].get) for name, impl in impls(model).items())

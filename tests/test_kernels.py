@@ -3,8 +3,11 @@
 
 The interpreter's cost is per program and per operation, not per element: tiny shapes, few programs."""
 import copy
+import inspect
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +19,8 @@ import torch.nn.functional as F
 from net import build_model, kernels
 from net.kernels import dwconv, dwconv_op, dwconv_reference
 from net.model import depthwise_convs
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(not kernels.HAVE_TRITON, reason="needs Triton (pip install -e '.[test]')")
 INTERPRETER_OFF = "Triton's interpreter is off: a GPU machine (the `cuda` tests run the kernels there)"
@@ -70,14 +75,51 @@ def test_fp16_in_and_out():
 
 
 @pytest.mark.skipif(not kernels.interpreting(), reason=INTERPRETER_OFF)
-def test_many_programs_and_chunks_cover_every_position_and_channel(monkeypatch):
-    """Small tiles: several position blocks, channel blocks and backward chunks, each partly masked."""
-    small = dict(BLOCK_P=8, BLOCK_C=4, num_warps=1)
-    monkeypatch.setitem(kernels.BLOCKS, "cpu", {"forward": small, "backward": small})
-    # 2 images x 3 position blocks (20 positions) x 2 channel blocks (6 outputs): 2 chunks a program,
-    # the second program of each image holding one block and one past the map
-    monkeypatch.setattr(kernels, "BACKWARD_PROGRAMS", 6)
+def test_many_programs_and_tiles_cover_every_position_and_channel(monkeypatch):
+    """Small blocks: several position blocks, channel blocks and backward tiles, each partly masked."""
+    monkeypatch.setitem(kernels.INTERPRETED, "forward", dict(BLOCK_P=8, BLOCK_C=4))
+    monkeypatch.setitem(kernels.INTERPRETED, "backward", dict(BLOCK_P=8, BLOCK_C=4))
+    # 2 images of 20 positions x 6 outputs: 2 tiles of 12 positions an image (the second ending at the map's
+    # edge), each two blocks of 8 (the second cut at the tile's end), x 2 channel blocks
+    monkeypatch.setattr(kernels, "BACKWARD_PROGRAMS", 4)
+    monkeypatch.setattr(kernels, "TILE_ALIGN", 4)
+    assert kernels.backward_tiles(2, 6, 20) == (2, 12)
     assert_matches_conv2d(3, 2, 2, torch.channels_last, torch.float32, h=4, w=5)
+
+
+def test_every_tuning_configuration_fits_the_kernels():
+    """At least three tiles per kernel for autotune; each a whole number of times into a backward tile, with an even
+    channel block (the backward adds the two outputs of each input channel side by side); autotune's key names
+    kernel arguments (Triton 3.6 would drop a misspelt one silently)."""
+    for kind, configs in kernels.TUNING.items():
+        assert len(configs) >= 3 and len({tuple(sorted(c.items())) for c in configs}) == len(configs), kind
+        for c in configs:
+            assert kernels.TILE_ALIGN % c["BLOCK_P"] == 0 and c["BLOCK_C"] % 2 == 0, (kind, c)
+        assert set(kernels.AUTOTUNE_KEY) <= set(inspect.signature(kernels.KERNELS[kind]).parameters), kind
+    assert kernels.backward_tiles(512, 256, 1024) == (1, 1024)  # the widest layer at batch 512: programs enough
+    assert kernels.backward_tiles(8, 32, 1024) == (16, 64)
+
+
+@pytest.mark.skipif(not kernels.interpreting(), reason=INTERPRETER_OFF)
+def test_autotune_picks_a_tile_per_shape_and_reports_it(monkeypatch):
+    """The CUDA path's autotune, run in the interpreter: Triton's own Autotuner over TUNING, with its timing (CUDA
+    events) replaced by a stand-in that prefers the widest channel block; every pick still computes the conv."""
+    from triton.runtime.autotuner import Autotuner
+
+    def fake_bench(self, *args, config, **meta):
+        return [1.0 / (config.kwargs["BLOCK_C"] * config.kwargs["BLOCK_P"] + config.num_warps)] * 3
+
+    monkeypatch.setattr(Autotuner, "_bench", fake_bench)
+    tuners = {kind: kernels.autotuned(kernels._compiled(fn, True), kind) for kind, fn in kernels.KERNELS.items()}
+    monkeypatch.setattr(kernels, "_autotuners", tuners)
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)  # the CUDA launcher, on interpreted kernels
+    assert_matches_conv2d(4, 2, 3, torch.channels_last, torch.float32, n=2, h=5, w=6)
+    picked = kernels.tiles()
+    widest = {kind: max(c, key=lambda c: (c["BLOCK_C"] * c["BLOCK_P"], c["num_warps"]))
+              for kind, c in kernels.TUNING.items()}
+    for kind in kernels.KERNELS:
+        assert picked[kind] == {"4->8 5x6 d3 NHWC float32, batch 2":
+                                "{BLOCK_P}x{BLOCK_C}, {num_warps} warps".format(**widest[kind])}, kind
 
 
 @pytest.mark.skipif(not kernels.interpreting(), reason=INTERPRETER_OFF)
@@ -183,32 +225,67 @@ def ptxas_report(fn, args, constexprs, num_warps):
 
 
 def gpu_build_reports():
-    """ptxas's report on both kernels at the model's widest shapes, bf16 channels_last, C -> 2C (the larger
-    case), the GPU tile sizes. Run without TRITON_INTERPRET: Triton builds nothing in a process that has it."""
+    """ptxas's report on every tile of TUNING, both kernels, at the model's widest shapes, bf16 channels_last,
+    C -> 2C (the larger case): {kind: {tile: report}}. Run without TRITON_INTERPRET: Triton builds nothing in a
+    process that has it."""
     c, h, w = 128, 32, 32
     nhwc = dict(sxn=h * w * c, sxc=1, sxh=w * c, sxw=c)
     grouped = dict(syn=h * w * 2 * c, syc=1, syh=w * 2 * c, syw=2 * c)
-    forward = dict(x="*bf16", w="*bf16", y="*bf16", C_out=2 * c, H=h, W=w, DIL=4, **nhwc, **grouped)
-    backward = dict(x="*bf16", w="*bf16", dy="*bf16", dx="*bf16", dw_partial="*fp32", C_out=2 * c, H=h, W=w, DIL=4,
-                    CHUNKS=8, **nhwc, **grouped, **{k.replace("sx", "sd"): v for k, v in nhwc.items()})
+    shape = dict(N=512, C_out=2 * c, H=h, W=w, DIL=4)
+    forward = dict(x="*bf16", w="*bf16", y="*bf16", **shape, **nhwc, **grouped)
+    backward = dict(x="*bf16", w="*bf16", dy="*bf16", dx="*bf16", dw_partial="*fp32", **shape, PER_TILE=1024,
+                    **nhwc, **grouped, **{k.replace("sx", "sd"): v for k, v in nhwc.items()})
     reports = {}
-    for kind, fn, args in (("forward", kernels._dwconv_forward_kernel, forward),
-                           ("backward", kernels._dwconv_backward_kernel, backward)):
-        blocks = dict(kernels.BLOCKS["cuda"][kind])
-        num_warps = blocks.pop("num_warps")
-        reports[kind] = ptxas_report(fn, args, {"M": 2, **blocks}, num_warps)
+    for kind, args in (("forward", forward), ("backward", backward)):
+        reports[kind] = {}
+        for tile in kernels.TUNING[kind]:
+            blocks = {k: v for k, v in tile.items() if k != "num_warps"}
+            name = "{BLOCK_P}x{BLOCK_C}, {num_warps} warps".format(**tile)
+            reports[kind][name] = ptxas_report(kernels.KERNELS[kind], args, {"M": 2, **blocks}, tile["num_warps"])
     return reports
+
+
+SIDE_TRITON = "3.6.0"  # the Triton that the lent GPU's torch 2.11 brings
+
+
+def side_triton(version):
+    """A folder holding Triton `version` alone, to put first on PYTHONPATH: installed once with pip, kept under
+    .cache/ (about 190 MB from the registry the first time); skips where pip cannot install it."""
+    target = ROOT / ".cache" / f"triton-{version}"
+    if not (target / "triton").is_dir():
+        partial = target.with_name(target.name + ".partial")  # renamed when whole: a killed install is redone
+        shutil.rmtree(partial, ignore_errors=True)
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(partial),
+                            f"triton=={version}"], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"pip could not install triton=={version} (no package registry here?): "
+                        f"{(r.stderr.strip().splitlines() or ['no message'])[-1]}")
+        partial.rename(target)
+    return target
 
 
 @pytest.mark.long
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels are built and run for real")
-def test_the_gpu_build_compiles_for_an_h100_and_spills_no_registers():
-    """The built path, which the interpreter does not take (globals, constexprs, layouts, registers)."""
-    # 3.9's default
+@pytest.mark.parametrize("triton_version", ["pinned", SIDE_TRITON])
+def test_every_tile_builds_for_an_h100_without_register_spills(triton_version):
+    """The built path, which the interpreter does not take (globals, constexprs, layouts, registers), under the
+    Triton this environment has and the one the lent GPU has: every tile that autotune may pick on CUDA."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
-    r = subprocess.run([sys.executable, "-c", "import json; from tests.test_kernels import gpu_build_reports; "
-                        "print(json.dumps(gpu_build_reports()))"], capture_output=True, text=True, env=env,
-                       cwd=Path(__file__).resolve().parents[1])
+    if triton_version != "pinned":  # 3.9's default, and 3.6's
+        env["PYTHONPATH"] = os.pathsep.join([str(side_triton(triton_version)), str(ROOT)])
+    r = subprocess.run([sys.executable, "-c", "import json, triton; from tests.test_kernels import gpu_build_reports; "
+                        "print(triton.__version__); print(json.dumps(gpu_build_reports()))"],
+                       capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
-    for kind, report in json.loads(r.stdout.splitlines()[-1]).items():
-        assert "Used" in report and "0 bytes spill stores" in report and "0 bytes spill loads" in report, (kind, report)
+    version, reports = r.stdout.splitlines()[-2], json.loads(r.stdout.splitlines()[-1])
+    assert triton_version in ("pinned", version), f"Triton {version} ran, not {triton_version}"
+    registers = {kind: {tile: re.search(r"Used (\d+) registers", report) for tile, report in tiles.items()}
+                 for kind, tiles in reports.items()}
+    print(f"Triton {version}, registers per thread at the widest shapes:",
+          {kind: {tile: m and int(m[1]) for tile, m in tiles.items()} for kind, tiles in registers.items()})
+    for kind, tiles in reports.items():
+        assert tiles.keys() == {"{BLOCK_P}x{BLOCK_C}, {num_warps} warps".format(**t) for t in kernels.TUNING[kind]}
+        for tile, report in tiles.items():
+            assert registers[kind][tile] and "0 bytes spill stores" in report and "0 bytes spill loads" in report, \
+                (version, kind, tile, report)
+        assert min(int(m[1]) for m in registers[kind].values()) <= 128, (version, kind, "none at 128 registers")
