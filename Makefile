@@ -18,7 +18,8 @@ else
 PY    := .venv/bin/python
 STAMP := .venv/.installed
 endif
-# import name:package, for the check of an existing Python
+# import name:package, for the check of an existing Python; Triton, pinned as pyproject's interpreter extra, only
+# where its torch brought none
 DEPS := torch:torch nvidia.dali:nvidia-dali-cuda120 numpy:numpy torchsummary:torchsummary \
         tensorboard:tensorboard tqdm:tqdm PIL:pillow pytest:pytest xdist:pytest-xdist triton:triton==3.9.0
 
@@ -35,7 +36,7 @@ install: $(STAMP)
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install $(TORCH)
-	$(PY) -m pip install -e '.[test]'
+	$(PY) -m pip install -e ".[$$($(PY) -c "$$TRITON_EXTRA")]"
 	touch $@
 .deps-checked: pyproject.toml
 	@set -- $$($(PY) -c "$$MISSING" $(DEPS)); version=$$1; shift; \
@@ -43,6 +44,13 @@ install: $(STAMP)
 	if [ -n "$$*" ]; then echo "installing what it lacks: $$*"; $(PY) -m pip install "$$@" || exit 1; \
 	else echo "every dependency is there: nothing to install"; fi
 	touch $@
+# The extras to install beside torch: the interpreter's Triton only where torch brought none (pyproject.toml says why).
+define TRITON_EXTRA
+import importlib.util
+print("test" if importlib.util.find_spec("triton") else "test,interpreter")
+endef
+export TRITON_EXTRA
+
 # torch's version, then the packages among DEPS whose module does not import (one process: torch
 # is imported once).
 define MISSING

@@ -11,7 +11,9 @@
 3. end to end: `engine.loop.train_epoch`, the very loop train.py runs (recipe optimizer and
    schedule, on-device metrics, log-step syncs), over the DALI loader, and its ratio to (2);
 4. the limit: FLOPs and minimum bytes per training image against the device's measured
-   matmul rate and copy bandwidth;
+   matmul rate and copy bandwidth; beside it, the bytes per image the compiled training step
+   really moves in each conv variant, counted by Inductor after fusion (bench/traffic.py: an
+   estimate, not a timing);
 5. accuracy beside speed, from a training run's summary.json.
 
 Device set-up is train.py's (`setup_env`: cuDNN autotune, TF32, bf16 autocast). Every figure:
@@ -47,6 +49,7 @@ from .pipelines import (
     bench_torch_augment,
 )
 from .report import accuracy, figure, table, write_tensorboard
+from .traffic import BATCH, QUICK_BATCH, traffic_line, traffic_rows
 
 
 def main(argv=None):
@@ -101,7 +104,7 @@ def run(args):
     facts["threads"] = {"torch": env.threads, "dali_end_to_end": env.dali_threads, "why": env.threads_why}
     results = {**facts, "date": datetime.date.today().isoformat(), "quick": args.quick, "data": what,
                "recipe": cfg.recipe, "complete": False, "pipeline": {}, "costs": {}, "model": {}, "compile": {},
-               "convs": {}, "skipped": {}}
+               "convs": {}, "traffic": {}, "skipped": {}}
     out = Path(args.out)
     stem = out / f"{results['date']}-{args.device}{'-quick' if args.quick else ''}"
 
@@ -144,6 +147,14 @@ def run(args):
     print("model ...", flush=True)
     models = {key: prepare_model(cfg, env, key, results) for key in model_variants(cfg.device)}
     bench_model(cfg, env, models, timing, lambda key, row: record("model", key, row))
+    print("traffic (Inductor's count of the compiled step's bytes: an estimate, not a timing) ...", flush=True)
+    try:
+        for key, row in traffic_rows(args.device, QUICK_BATCH if args.quick else BATCH):
+            results["traffic"][key] = row
+            print(f"  {traffic_line(key, row)}", flush=True)
+            save()
+    except RuntimeError as e:  # a count that fails is a finding to report, not a reason to lose the timings
+        results["skipped"]["traffic"] = str(e)
     print("end to end ...", flush=True)
     trainer_key = list(model_variants(cfg.device))[-1]  # the variant train.py runs, compile check and all
     e2e = bench_end_to_end(cfg, *models[trainer_key], images[:e2e_images], labels[:e2e_images], timing)

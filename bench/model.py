@@ -138,6 +138,13 @@ def copy_bandwidth(device, timing):
     return measure(lambda: dst.copy_(src), images_per_step=2 * src.numel(), **timing)["img_per_s"]
 
 
+def floor_bytes_per_image(model, dtype_bytes):
+    """The floor model's memory traffic of one training image: each saved activation (every conv output) is
+    written in forward and read in backward, and its gradient written and read once in backward: 4 touches per
+    element at the training dtype, plus the uint8 image."""
+    return 4 * dtype_bytes * activation_elements(model) + 3 * 32 * 32
+
+
 def bench_limit(device, dtype_bytes, sync, quick):
     n = 1024 if quick else 2048 if device == "cpu" else 8192
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -148,9 +155,7 @@ def bench_limit(device, dtype_bytes, sync, quick):
     macs = count_macs(model)
     flops = 3 * 2 * macs  # forward 2 FLOPs per MAC; backward twice the forward (input and weight grads)
     elements = activation_elements(model)
-    # Each saved activation is written in forward and read in backward, and its gradient is written
-    # and read once in backward: 4 touches per element at the training dtype, plus the uint8 image.
-    bytes_per_image = 4 * dtype_bytes * elements + 3 * 32 * 32
+    bytes_per_image = floor_bytes_per_image(model, dtype_bytes)
     tflops, gbps = mm["img_per_s"] * 2 * n**3 / 1e12, bandwidth / 1e9
     floor = min(tflops * 1e12 / flops, gbps * 1e9 / bytes_per_image)
     return {"macs_per_image": macs, "train_flops_per_image": flops, "activation_elements_per_image": elements,

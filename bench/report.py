@@ -8,6 +8,8 @@ import sys
 from engine.results import finished_runs, format_groups, group_runs
 from engine.run import ROOT
 
+from .traffic import traffic_line
+
 
 def accuracy(train_first, data, device):
     if train_first:
@@ -80,6 +82,11 @@ def table(results):
                   f"end to end reaches **{e['fraction_of_floor']:.1%}** of it",
                   "  (bytes: every conv output saved in forward, read in backward, its gradient written and read, "
                   "at the training dtype, plus the uint8 image)"]
+    if results.get("traffic"):
+        lines.append("- traffic, the compiled training step's bytes per image as Inductor counts them after fusion "
+                     "(an estimate, not a timing; bench/traffic.py):")
+        lines += [f"  - {traffic_line(key, row)}; largest kernel {row['top'][0]['bytes_per_image'] / 1e6:.2f} MB: "
+                  f"{row['top'][0]['kernel']}" for key, row in results["traffic"].items()]
     if "accuracy" in results:
         acc = results["accuracy"]
         if acc:

@@ -40,6 +40,17 @@ def test_quick_cpu_bench_writes_every_figure(tmp_path, monkeypatch, capsys):
     for module in (bench, bench_model):  # the variants the bench lists, and those its model rows measure
         monkeypatch.setattr(module, "model_variants", lambda device: variants)
     monkeypatch.setattr(bench_model, "compile_checked", rejecting_compile_check)
+    # The traffic count compiles the whole model (half a minute a variant here; tests/test_traffic.py counts a small
+    # one): its rows as bench.traffic hands them over.
+    counted = []
+
+    def traffic_rows(device, batch):
+        counted.append((device, batch))
+        yield "torch convs", {"kernels": 166, "bytes_per_image": 64.9e6, "floor_bytes_per_image": 11.8e6,
+                              "ratio_to_floor": 5.5, "batch": batch, "counted_by": "Inductor for cpu",
+                              "top": [{"kernel": "native_batch_norm_backward + relu", "bytes_per_image": 2.36e6}]}
+
+    monkeypatch.setattr(bench, "traffic_rows", traffic_rows)
     code = bench.main(["--quick", "--device", "cpu", "--batch-size", "4", "--data", str(tmp_path / "none"),
                        "--out", str(tmp_path / "results"), "--tensorboard", str(tmp_path / "tb")])
     assert code == 0
@@ -67,6 +78,10 @@ def test_quick_cpu_bench_writes_every_figure(tmp_path, monkeypatch, capsys):
     assert "| end to end |" in capsys.readouterr().out and "synthetic" in res["data"]
     assert list((tmp_path / "tb").iterdir())  # TensorBoard scalars
     assert "| 0 " not in report.split("\n\n")[0]  # the rates' table: small rates keep their digits
+    assert counted == [("cpu", 2)] and res["traffic"]["torch convs"]["kernels"] == 166  # --quick: a smaller batch
+    assert ("  - torch convs: 166 kernels, 64.9 MB per training image, 5.5x the floor model's 11.8 MB (compiled bf16 "
+            "channels_last step at batch 2, counted by Inductor for cpu: an estimate, not a timing); largest kernel "
+            "2.36 MB: native_batch_norm_backward + relu") in report
 
 
 def test_a_bench_that_fails_keeps_the_rows_it_measured(tmp_path, monkeypatch):

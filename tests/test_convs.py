@@ -44,9 +44,9 @@ def test_the_tiles_line_counts_the_shapes_each_tile_was_picked_for():
                          "64->64 32x32 d3 NHWC bfloat16, batch 512": "16x64, 8 warps",
                          "64->128 32x32 d3 NHWC bfloat16, batch 512": "32x32, 8 warps"},
              "backward": {"32->64 32x32 d2 NHWC bfloat16, batch 512": "16x32, 8 warps"}}
-    assert convs.ConvChoice(tiles=tiles).tiles_line() == ("forward 32x32, 8 warps (2 shapes), 16x64, 8 warps (1 shape); "
-                                                          "backward 16x32, 8 warps (32->64 32x32 d2 NHWC bfloat16, "
-                                                          "batch 512)")
+    assert convs.ConvChoice(tiles=tiles).tiles_line() == (
+        "forward 32x32, 8 warps (2 shapes), 16x64, 8 warps (1 shape); "
+        "backward 16x32, 8 warps (32->64 32x32 d2 NHWC bfloat16, batch 512)")
     assert convs.ConvChoice().tiles_line() == ""  # torch convs: no kernel ran
 
 

@@ -1,4 +1,6 @@
-"""The Makefile's install step where torch is already there (a GPU box, a cluster image): nothing downloaded."""
+"""The Makefile's install step where torch is already there (a GPU box, a cluster image): nothing downloaded; the
+extras beside the torch it installs; the CUDA machine's package set, resolvable."""
+import concurrent.futures
 import importlib.util
 import json
 import os
@@ -6,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -70,3 +73,55 @@ def test_train_with_seeds_runs_once_per_seed_then_prints_the_results_of_the_fold
     assert seeds == [0, 1] and r.stdout.count("done: ") == 2 and not list((tmp_path / "other").iterdir())
     assert f"2 finished runs under {tmp_path / 'runs'}, in 1 group of settings" in r.stdout and "| 2 |" in r.stdout
 
+
+
+def make_says(expression, env=None, **variables):
+    """What the Makefile's `expression` expands to and runs, with the given variables set on make's command line."""
+    rule = f"say: ; @{expression}"
+    r = subprocess.run(["make", "--no-print-directory", "--eval", rule, "say",
+                        *(f"{k}={v}" for k, v in variables.items())], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_the_interpreters_triton_is_installed_only_where_torch_brought_none():
+    assert make_says('$(PY) -c "$$TRITON_EXTRA"', PY=sys.executable) == "test"  # this environment has Triton
+    assert make_says('$(PY) -c "$$TRITON_EXTRA"', PY=f"{sys.executable} -S") == "test,interpreter"  # no site-packages
+
+
+def pip_resolves(*requirements):
+    """(ok, what pip's dry run would install {name: version}, its complaint) for `requirements` resolved together
+    from the registry's metadata: nothing is downloaded but the packages' metadata."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                            "--report", str(report), *requirements], capture_output=True, text=True, timeout=600)
+        installs = json.loads(report.read_text())["install"] if report.exists() else []
+    return r.returncode == 0, {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in installs}, r.stderr
+
+
+@pytest.mark.long
+def test_the_cuda_install_set_resolves_with_the_triton_its_torch_pins():
+    """`make install` on a machine with an NVIDIA driver: torch as the Makefile names it there, then the project
+    with the extras TRITON_EXTRA picks beside a torch that brings Triton, resolved together by pip's dry run for
+    the torch the Makefile would pick and for the lent GPU's torch 2.11 (whose Triton is 3.6.0)."""
+    with tempfile.TemporaryDirectory() as bin_dir:  # an nvidia-smi on PATH: the Makefile's CUDA branch
+        Path(bin_dir, "nvidia-smi").write_text("#!/bin/sh\n")
+        Path(bin_dir, "nvidia-smi").chmod(0o755)
+        torch_words = make_says("echo $(TORCH)", env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}).split()
+    assert torch_words == ["torch"]  # PyPI's default build: CUDA on Linux
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11 on
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + project["optional-dependencies"]["test"]
+    assert not any(r.startswith("triton") for r in requirements)  # nothing pinned against torch's own Triton
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # two resolutions of ~20 s each, mostly waiting
+        newest, gpu_box = pool.map(lambda torch: pip_resolves(torch, *requirements), (torch_words[0], "torch==2.11.0"))
+    if not (newest[0] or gpu_box[0]) and subprocess.run([sys.executable, "-m", "pip", "index", "versions", "pip"],
+                                                        capture_output=True).returncode != 0:
+        pytest.skip("the package registry cannot be reached from here")
+    for ok, installs, complaint in (newest, gpu_box):
+        assert ok, complaint[-3000:]
+        assert "triton" in installs, installs  # a CUDA torch brings its own
+    assert gpu_box[1]["torch"] == "2.11.0" and gpu_box[1]["triton"] == "3.6.0"
+    print(f"resolved: torch {newest[1]['torch']} with Triton {newest[1]['triton']}; torch 2.11.0 with Triton 3.6.0")
