@@ -34,7 +34,8 @@ from net import build_model
 from net.model import depthwise_convs
 
 # The trainer's model variants, by what runs their depthwise and grouped convs (`--conv-impl`).
-VARIANTS = {"torch convs": dict(conv_impl="torch"), "triton convs": dict(conv_impl="triton")}
+VARIANTS = {"torch convs": dict(conv_impl="torch", fused=False), "triton convs": dict(conv_impl="triton", fused=False),
+            "fused": dict(conv_impl="triton", fused=True)}
 BATCH, QUICK_BATCH = 8, 2  # images per counted step; bytes scale with the batch, the per-image figure barely does
 TOP = 10  # the largest kernels kept in the row
 
@@ -86,11 +87,15 @@ def count_variant(key, device, batch):
     model = build_model().to(device, memory_format=torch.channels_last)
     for conv in depthwise_convs(model).values():
         conv.impl = VARIANTS[key]["conv_impl"]
+    if VARIANTS[key]["fused"]:
+        import net.fused  # noqa: F401  (before compiling: it registers the fused ops)
+
+        model.fused = True
     x = torch.randn(batch, 3, 32, 32, device=device).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), device=device)
     counted = count_step(model, x, y, autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16))
     total = sum(b for _, b in counted)
-    floor = floor_bytes_per_image(model, dtype_bytes=2)
+    floor = floor_bytes_per_image(build_model(), dtype_bytes=2)  # unfused: its hooks see every conv
     top = sorted(counted, key=lambda k: -k[1])[:TOP]
     return {"kernels": len(counted), "bytes_per_image": total / batch, "floor_bytes_per_image": floor,
             "ratio_to_floor": total / batch / floor, "batch": batch, "counted_by": f"Inductor for {device.type}",

@@ -9,7 +9,7 @@ kernels (`DepthwiseConv2d.impl`, set by the trainer: net/kernels.py says why).
 import torch
 from torch import nn
 
-from .kernels import dwconv
+from .kernels import dwconv, runs_kernels
 
 
 class DepthwiseConv2d(nn.Conv2d):
@@ -65,7 +65,15 @@ class Net(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)  # GAP: any input size gives one vector
         self.head = nn.Sequential(nn.Linear(c4, 128), nn.ReLU(inplace=True), nn.Linear(128, num_classes))
 
+    # The fused path (net/fused.py): each conv with its neighbours' BatchNorm, ReLU and dropout in the same
+    # kernels, wherever they run on x's device (CUDA; CPU under Triton's interpreter); the same parameters,
+    # buffers and function. Set by the trainer (--fuse); False: these modules, as written above.
+    fused = False
+
     def forward(self, x):
+        if self.fused and runs_kernels(x.device):
+            from . import fused  # imported by whoever set `fused` (it imports Triton)
+            return fused.forward(self, x)
         return self.head(self.pool(self.features(x)).flatten(1))
 
 
