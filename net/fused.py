@@ -169,7 +169,8 @@ def _dw_backward(yp, sp, tp, seed_ptr, w, y, dy, dsum, dsumsq, dyp, partials, C_
         dt_acc += tl.sum(dam, axis=0)
     # this program's row: 9 taps x C_out of dW, then ds and dt of the C_in inputs
     width = 9 * C_out + 2 * C_in
-    tl.store(partials + row * width + co[None, :] * 9 + taps[:, None], dw_acc, mask=(taps[:, None] < 9) & co_ok[None, :])
+    tl.store(partials + row * width + co[None, :] * 9 + taps[:, None], dw_acc,
+             mask=(taps[:, None] < 9) & co_ok[None, :])
     tl.store(partials + row * width + 9 * C_out + ci, ds_acc, mask=ci_ok)
     tl.store(partials + row * width + 9 * C_out + C_in + ci, dt_acc, mask=ci_ok)
 
@@ -221,8 +222,9 @@ def _pw_dgrad(y, dy, dsum, dsumsq, w, yp, sp, tp, seed_ptr, dyp, partials, P, HW
         k_ok = k < C_out
         ok = q_ok[:, None] & k_ok[None, :]
         at = q64[:, None] * C_out + k[None, :]
-        g = tl.load(dy + at, mask=ok, other=0.0).to(tl.float32) + tl.load(dsum + k, mask=k_ok, other=0.0)[None, :] \
-            + 2 * tl.load(dsumsq + k, mask=k_ok, other=0.0)[None, :] * tl.load(y + at, mask=ok, other=0.0).to(tl.float32)
+        d1, d2 = tl.load(dsum + k, mask=k_ok, other=0.0), 2 * tl.load(dsumsq + k, mask=k_ok, other=0.0)
+        g = tl.load(dy + at, mask=ok, other=0.0).to(tl.float32) + d1[None, :] \
+            + d2[None, :] * tl.load(y + at, mask=ok, other=0.0).to(tl.float32)
         wk = tl.load(w + k[:, None] * C_in + ci[None, :], mask=k_ok[:, None] & ci_ok[None, :], other=0.0)
         operand = tl.float32 if DOT_F32 else w.dtype.element_ty
         acc = tl.dot(tl.where(ok, g, 0.0).to(operand), wk.to(operand), acc, input_precision="ieee")
