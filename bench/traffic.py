@@ -17,9 +17,11 @@ not counted; an opaque op (cuDNN's conv, the project's Triton kernels) counts as
 inputs and outputs.
 
 Each variant is counted in a fresh process: Dynamo's and Inductor's caches would otherwise skip the
-scheduler, and on a CPU the Triton kernels need the interpreter chosen before Triton is first imported.
+scheduler, and on a CPU the Triton kernels need the interpreter chosen before Triton is first imported (there,
+what they compute is left out: `shapes_only`).
 """
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -78,8 +80,54 @@ def count_step(model, x, y, *, autocast):
     return counted
 
 
+@contextlib.contextmanager
+def shapes_only():
+    """The project's Triton kernels replaced, while counting on a CPU, by stand-ins that return zeros of the shapes
+    they would write: the count is of Inductor's graphs, which never see the values, and Triton's interpreter would
+    take many minutes on a real step (its cost is per operation; the fused backward recomputes dropout's Philox
+    draws nine times a tile). The graphs, the ops and their shapes are the real ones."""
+    from net import fused, kernels
+
+    def zeros(*specs):
+        return tuple(torch.zeros(shape, dtype=dtype, device=like.device).contiguous(memory_format=layout)
+                     for shape, dtype, like, layout in specs)
+
+    cl, plain, f32 = torch.channels_last, torch.contiguous_format, torch.float32
+
+    def conv(y_prev, s, t, seed, p, weight, *dilation):
+        n, _, h, w = y_prev.shape
+        c = weight.shape[0]
+        return zeros(((n, c, h, w), y_prev.dtype, y_prev, cl), ((c,), f32, s, plain), ((c,), f32, s, plain))
+
+    def conv_backward(dy, dsum, dsumsq, y, y_prev, s, t, seed, p, weight, *dilation):
+        c = y_prev.shape[1]
+        return zeros((y_prev.shape, y_prev.dtype, y_prev, cl), ((c,), f32, s, plain), ((c,), f32, s, plain),
+                     (weight.shape, weight.dtype, weight, plain))
+
+    stand_ins = {fused: dict(dw_forward=conv, pw_forward=conv, dw_backward=conv_backward, pw_backward=conv_backward,
+                             pool_forward=lambda y, s, t, seed, p: zeros(((y.shape[0], y.shape[1]), y.dtype, y,
+                                                                          plain))[0],
+                             pool_backward=lambda dp, y, s, t, seed, p: zeros(
+                                 (y.shape, y.dtype, y, cl), ((y.shape[1],), f32, s, plain),
+                                 ((y.shape[1],), f32, s, plain))),
+                 kernels: dict(_forward=lambda x, weight, dilation: zeros(
+                     ((x.shape[0], weight.shape[0], *x.shape[2:]), x.dtype, x, kernels.output_format(x)))[0],
+                     _backward=lambda dy, x, weight, dilation: zeros(
+                         (x.shape, x.dtype, x, kernels.output_format(x)), (weight.shape, weight.dtype, weight, plain)))}
+    saved = {module: {name: getattr(module, name) for name in names} for module, names in stand_ins.items()}
+    try:
+        for module, names in stand_ins.items():
+            for name, fn in names.items():
+                setattr(module, name, fn)
+        yield
+    finally:
+        for module, names in saved.items():
+            for name, fn in names.items():
+                setattr(module, name, fn)
+
+
 def count_variant(key, device, batch):
-    """The traffic row of one of VARIANTS, counted in this process on `device`."""
+    """The traffic row of one of VARIANTS, counted in this process on `device` (on a CPU, with `shapes_only`)."""
     from bench.model import floor_bytes_per_image
 
     device = torch.device(device)
@@ -87,13 +135,11 @@ def count_variant(key, device, batch):
     model = build_model().to(device, memory_format=torch.channels_last)
     for conv in depthwise_convs(model).values():
         conv.impl = VARIANTS[key]["conv_impl"]
-    if VARIANTS[key]["fused"]:
-        import net.fused  # noqa: F401  (before compiling: it registers the fused ops)
-
-        model.fused = True
+    model.fused = VARIANTS[key]["fused"]
     x = torch.randn(batch, 3, 32, 32, device=device).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), device=device)
-    counted = count_step(model, x, y, autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+    with shapes_only() if device.type == "cpu" else contextlib.nullcontext():
+        counted = count_step(model, x, y, autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16))
     total = sum(b for _, b in counted)
     floor = floor_bytes_per_image(build_model(), dtype_bytes=2)  # unfused: its hooks see every conv
     top = sorted(counted, key=lambda k: -k[1])[:TOP]

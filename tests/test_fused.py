@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from net import build_model, kernels
+from tests.test_kernels import SIDE_TRITON, build_under
 
 pytestmark = pytest.mark.skipif(not (kernels.HAVE_TRITON and kernels.interpreting()),
                                 reason="needs Triton's interpreter (conftest.py sets it without a GPU)")
@@ -207,3 +208,38 @@ def test_torch_compile_sees_the_fused_ops_and_no_graph_break():
     torch.testing.assert_close(got[0], want[0])
     for name in want[1]:
         torch.testing.assert_close(got[1]["_orig_mod." + name], want[1][name], msg=name)
+
+
+def fused_build_reports():
+    """ptxas's report on each fused kernel built for sm_90a at the model's widest shapes (bf16, 256 channels,
+    32x32, batch 512, grouped 3x3 where a kernel serves both), with dropout, at its CUDA tile: {kernel: {tile: report}}.
+    Run without TRITON_INTERPRET (tests/test_kernels.py's `build_under`)."""
+    from net import fused
+    from tests.test_kernels import ptxas_report
+
+    c, h, w, n = 256, 32, 32, 512
+    vectors = dict(sp="*fp32", tp="*fp32", seed_ptr="*i64", dsum="*fp32", dsumsq="*fp32")
+    maps = {name: "*bf16" for name in ("yp", "w", "y", "dy", "dyp", "dpooled", "pooled")}
+    shapes = dict(C_out=c, C_in=c, C=c, H=h, W=w, HW=h * w, P=n * h * w, DIL=4, PER_TILE=1024, PER_SPLIT=8192,
+                  p_drop="fp32")
+    args = {**vectors, **maps, **shapes, "stats": "*fp32", "partials": "*fp32", "dw_partials": "*fp32"}
+    reports = {}
+    for kind, fn, tile_of, extra in (("dw_forward", fused._dw_forward, "dw_forward", dict(M=2)),
+                                     ("dw_backward", fused._dw_backward, "dw_backward", dict(M=2)),
+                                     ("pw_forward", fused._pw_forward, "pw_forward", dict(DOT_F32=False)),
+                                     ("pw_dgrad", fused._pw_dgrad, "pw_dgrad", dict(DOT_F32=False)),
+                                     ("pw_wgrad", fused._pw_wgrad, "pw_wgrad", dict(DOT_F32=False)),
+                                     ("pool_forward", fused._pool_forward, "pool", {}),
+                                     ("pool_backward", fused._pool_backward, "pool", {})):
+        tile = dict(fused.BLOCKS["cuda"][tile_of])
+        warps = tile.pop("num_warps")
+        name = "x".join(str(v) for v in tile.values()) + f", {warps} warps"
+        reports[kind] = {name: ptxas_report(fn, args, {**extra, "DROPOUT": True, **tile}, warps)}
+    return reports
+
+
+@pytest.mark.long
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels are built and run for real")
+@pytest.mark.parametrize("triton_version", ["pinned", SIDE_TRITON])
+def test_every_fused_kernel_builds_for_an_h100_without_register_spills(triton_version):
+    build_under(triton_version, "tests.test_fused:fused_build_reports")

@@ -199,8 +199,9 @@ def test_on_cuda_every_depthwise_conv_of_the_model_matches_conv2d():
 
 
 def ptxas_report(fn, args, constexprs, num_warps):
-    """What ptxas says of `fn` built for an H100 (sm_90a) with `args` (name -> value; a string is a pointer's
-    dtype), each int specialised as Triton's launcher would (1: a constant; a multiple of 16: divisible)."""
+    """What ptxas says of `fn` (a kernel of net/kernels.py, or any @triton.jit function) built for an H100 (sm_90a)
+    with `args` (name -> value; a string is a pointer's dtype or a float's), each int specialised as Triton's
+    launcher would (1: a constant; a multiple of 16: divisible)."""
     import inspect
 
     import triton
@@ -208,17 +209,18 @@ def ptxas_report(fn, args, constexprs, num_warps):
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
+    jit = fn if isinstance(fn, triton.runtime.jit.JITFunction) else kernels._compiled(fn, interpreted=False)
     signature, constants, attrs = {}, dict(constexprs), {}
-    for i, name in enumerate(inspect.signature(fn).parameters):
+    for i, name in enumerate(inspect.signature(jit.fn).parameters):
         value = args.get(name)
         if name in constexprs or value == 1:
             signature[name], constants[name] = "constexpr", constexprs.get(name, value)
-        else:
+        else:  # a string: a pointer ("*bf16") or a float ("fp32"); an int: i32
             signature[name] = value if isinstance(value, str) else "i32"
-            if isinstance(value, str) or value % 16 == 0:
+            if isinstance(value, str) and value.startswith("*") or isinstance(value, int) and value % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    build = triton.compile(ASTSource(kernels._compiled(fn, interpreted=False), signature, constexprs=constants,
-                                     attrs=attrs), target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    build = triton.compile(ASTSource(jit, signature, constexprs=constants, attrs=attrs),
+                           target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     r = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", "-", "-o", "/dev/null"], input=build.asm["ptx"],
                        capture_output=True, text=True)
     return r.stderr if r.returncode == 0 else f"ptxas failed: {r.stderr}"
@@ -264,28 +266,38 @@ def side_triton(version):
     return target
 
 
+def build_under(triton_version, reports):
+    """`reports` ("module:function" returning {kernel: {tile: ptxas report}}) run in a process that builds for the
+    GPU (no TRITON_INTERPRET), under this environment's Triton ("pinned") or `triton_version` from a side folder:
+    (Triton's version, the reports, {kernel: {tile: registers per thread}})."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
+    if triton_version != "pinned":  # 3.9's default, and 3.6's
+        env["PYTHONPATH"] = os.pathsep.join([str(side_triton(triton_version)), str(ROOT)])
+    module, function = reports.split(":")
+    r = subprocess.run([sys.executable, "-c", f"import json, triton; from {module} import {function}; "
+                        f"print(triton.__version__); print(json.dumps({function}()))"],
+                       capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    version, reports = r.stdout.splitlines()[-2], json.loads(r.stdout.splitlines()[-1])
+    assert triton_version in ("pinned", version), f"Triton {version} ran, not {triton_version}"
+    registers = {kind: {tile: m and int(m[1]) for tile, m in
+                        ((tile, re.search(r"Used (\d+) registers", report)) for tile, report in tiles.items())}
+                 for kind, tiles in reports.items()}
+    print(f"Triton {version}, registers per thread at the widest shapes:", registers)
+    for kind, tiles in reports.items():
+        for tile, report in tiles.items():
+            assert registers[kind][tile] and "0 bytes spill stores" in report and "0 bytes spill loads" in report, \
+                (version, kind, tile, report)
+    return version, reports, registers
+
+
 @pytest.mark.long
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels are built and run for real")
 @pytest.mark.parametrize("triton_version", ["pinned", SIDE_TRITON])
 def test_every_tile_builds_for_an_h100_without_register_spills(triton_version):
     """The built path, which the interpreter does not take (globals, constexprs, layouts, registers), under the
     Triton this environment has and the one the lent GPU has: every tile that autotune may pick on CUDA."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
-    if triton_version != "pinned":  # 3.9's default, and 3.6's
-        env["PYTHONPATH"] = os.pathsep.join([str(side_triton(triton_version)), str(ROOT)])
-    r = subprocess.run([sys.executable, "-c", "import json, triton; from tests.test_kernels import gpu_build_reports; "
-                        "print(triton.__version__); print(json.dumps(gpu_build_reports()))"],
-                       capture_output=True, text=True, env=env, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
-    version, reports = r.stdout.splitlines()[-2], json.loads(r.stdout.splitlines()[-1])
-    assert triton_version in ("pinned", version), f"Triton {version} ran, not {triton_version}"
-    registers = {kind: {tile: re.search(r"Used (\d+) registers", report) for tile, report in tiles.items()}
-                 for kind, tiles in reports.items()}
-    print(f"Triton {version}, registers per thread at the widest shapes:",
-          {kind: {tile: m and int(m[1]) for tile, m in tiles.items()} for kind, tiles in registers.items()})
+    version, reports, registers = build_under(triton_version, "tests.test_kernels:gpu_build_reports")
     for kind, tiles in reports.items():
         assert tiles.keys() == {"{BLOCK_P}x{BLOCK_C}, {num_warps} warps".format(**t) for t in kernels.TUNING[kind]}
-        for tile, report in tiles.items():
-            assert registers[kind][tile] and "0 bytes spill stores" in report and "0 bytes spill loads" in report, \
-                (version, kind, tile, report)
-        assert min(int(m[1]) for m in registers[kind].values()) <= 128, (version, kind, "none at 128 registers")
+        assert min(registers[kind].values()) <= 128, (version, kind, "none at 128 registers")
