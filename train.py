@@ -19,7 +19,7 @@ import torch.distributed as dist
 from engine.checkpoint import init_from, load_checkpoint
 from engine.cli import run_main
 from engine.config import SHORT, Config, UserError, augment, check, flag_parser, planned_steps, resolve, resumed
-from engine.convs import choose_convs
+from engine.convs import choose_convs, choose_fused
 from engine.device import CompileCheck, any_rank, assert_ranks_agree, compile_checked, exit_rank, setup_env
 from engine.log import Logger, NullLogger, plural
 from engine.loop import EMA, NonFiniteLoss, evaluate, make_optimizer, make_schedule, reestimate_batchnorm, train_epoch
@@ -121,6 +121,7 @@ def run(cfg, ckpt, notes, env, stop, run_dir):
         ema.load_state_dict(ckpt["ema"])
     # Each depthwise conv's implementation, before compiling: the graphs trace what each layer runs.
     convs = choose_convs(model, env, cfg.conv_impl, batch=env.batch)
+    fuse = choose_fused(model, env, cfg.fuse, batch=env.batch, compiled=cfg.compile, mode=cfg.compile_mode)
     compile_check = CompileCheck(model, compiled=False)
     if cfg.compile:  # both graphs (eval, train) built and checked here, not inside epoch 1
         compile_check = compile_checked(model, env, eval_batch=min(cfg.eval_batch_size, test_loader.shard_size),
@@ -134,7 +135,7 @@ def run(cfg, ckpt, notes, env, stop, run_dir):
 
     stop.arm()  # from here a stop saves where it is
     log.start(run_dir, model, schedule, steps_per_epoch, state, notes + [short] + convs.notes, compile_check, convs,
-              sizes=(len(train[1]), len(test[1])))
+              sizes=(len(train[1]), len(test[1])), fuse=fuse)
     if not ckpt:
         picks = one_per_class(test[1], cfg.seed)
         log.augmentations(pixels(test[0], picks), [CLASSES[c] for c in test[1][picks]])

@@ -92,6 +92,11 @@ class Config:
         "help": "what runs the depthwise and grouped convs: torch (F.conv2d), triton (the project's kernels, "
                 "net/kernels.py; CUDA), or auto: both checked and timed per layer at start, the faster kept "
                 "(torch where the kernels cannot run)"})
+    fuse: str = field(default="auto", metadata={
+        "choices": ["auto", "on", "off"],
+        "help": "each conv with its neighbours' BatchNorm, ReLU and dropout in the same kernels (net/fused.py): on "
+                "(wherever the kernels run; CUDA), off, or auto: on CUDA fused when a start-up check against the "
+                "unfused model passes and whole training steps time faster, else off"})
     threads: int = field(default=None,
                          metadata={"help": "torch's CPU threads (default on CPU: the cores idle at start)"})
     bn_reestimate: int = field(default=None, metadata={
@@ -182,6 +187,10 @@ def check(cfg):
         why = ("the Triton kernels run on CUDA (on a CPU only under TRITON_INTERPRET=1, for tests)" if HAVE_TRITON
                else "Triton is not installed (pip install triton)")
         raise UserError(f"--conv-impl triton: {why}; use --conv-impl auto or torch")
+    if cfg.fuse == "on" and not runs_kernels(torch.device(cfg.device)):
+        why = ("the fused kernels run on CUDA (on a CPU only under TRITON_INTERPRET=1, for tests)" if HAVE_TRITON
+               else "Triton is not installed (pip install triton)")
+        raise UserError(f"--fuse on: {why}; use --fuse auto or off")
     if not cfg.smoke and not Path(cfg.data).exists():
         raise UserError(f"--data {cfg.data} does not exist; run `make data` (or `make data SRC=/path/to/copy`)")
     if cfg.limit_train is not None and cfg.limit_train < cfg.batch_size:  # known now: say it before a long load
@@ -204,7 +213,7 @@ def check(cfg):
 
 # What a resumed run may change: how long it goes on, and how (not what) it computes.
 RESUME_MAY_CHANGE = ("epochs", "max_steps", "log_every", "device", "compile", "compile_mode", "channels_last",
-                     "conv_impl", "threads", "checkpoint_every", "allow_other_data", "tta",
+                     "conv_impl", "fuse", "threads", "checkpoint_every", "allow_other_data", "tta",
                      "data")  # data: a moved copy, checked by fingerprint
 
 

@@ -1,4 +1,5 @@
-"""Which implementation runs each depthwise conv (`--conv-impl`): decided once, at start, on the run's shapes.
+"""Which implementation runs each depthwise conv (`--conv-impl`), and whether the convs run fused with their
+BatchNorm, ReLU and dropout (`--fuse`): decided once, at start, on the run's shapes.
 
 - "torch": F.conv2d everywhere (cuDNN in channels_last, PyTorch's own kernel in NCHW);
 - "triton": the project's kernels (net/kernels.py) on every depthwise and grouped conv, each first
@@ -6,9 +7,11 @@
 - "auto": checked likewise, then both timed forward + backward per layer, and the faster kept:
   cuDNN's autotuner, across implementations. On CUDA only: elsewhere, torch.
 
-`choose_convs` sets each layer's `DepthwiseConv2d.impl` and returns what it chose, for the start
-line, summary.json and TensorBoard's hparams. The bench and gpu-check call the same functions.
+`choose_convs` sets each layer's `DepthwiseConv2d.impl`, `choose_fused` sets `Net.fused`; each returns what it
+chose, for the start line, summary.json and TensorBoard's hparams. The bench and gpu-check call the same
+functions.
 """
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -137,4 +140,115 @@ def choose_convs(model, env, want, *, batch, size=32):
         choice = shared[0]
     for name, conv in layers.items():
         conv.impl = choice.impl[name]
+    return choice
+
+
+# --- --fuse: the fused path (net/fused.py) ----------------------------------------------------------
+
+@dataclass
+class FuseChoice:
+    """What `choose_fused` decided, and why."""
+    fused: bool = False
+    why: str = ""
+    error: float = None  # the fused path's worst relative error against the unfused model in float64
+    unfused_error: float = None  # the unfused model's own, at the run's precision
+    ms: dict = field(default_factory=dict)  # {"fused": ms, "unfused": ms} per training step (auto on CUDA)
+
+    def line(self):
+        errors = (f"; error against float64 {self.error:.1e}, unfused {self.unfused_error:.1e}"
+                  if self.error is not None else "")
+        times = f"; {self.ms['fused']:.2f} ms a step fused, {self.ms['unfused']:.2f} unfused" if self.ms else ""
+        return f"{'on' if self.fused else 'off'} ({self.why}{errors}{times})"
+
+
+def check_fused(model, env, *, batch=2, size=8, seed=0):
+    """(fused error, unfused error): the worst relative error against the unfused model in float64, over the output
+    and every parameter's gradient, of one training step on random images (dropout 0, whose masks differ between
+    the paths) at the run's dtype, layout and device. A gradient that is 0 in exact arithmetic (a BatchNorm gamma
+    whose scale the next BatchNorm divides out) is measured against a hundredth of the largest."""
+    import copy
+
+    gen = torch.Generator(device=env.device).manual_seed(seed)
+    x = torch.randn(batch, 3, size, size, device=env.device, generator=gen)
+    labels = torch.randint(0, 10, (batch,), device=env.device, generator=gen)
+    plain = copy.deepcopy(model).train()
+    plain.fused = False
+    for m in plain.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+    def step(net, x, fused):
+        net = copy.deepcopy(net)
+        net.fused = fused
+        with env.autocast() if x.dtype != torch.float64 else contextlib.nullcontext():
+            out = net(x.contiguous(memory_format=env.memory_format))
+            torch.nn.functional.cross_entropy(out.float(), labels).backward()
+        return [out.detach()] + [p.grad for p in net.parameters()]
+
+    reference = step(copy.deepcopy(plain).double(), x.double(), False)
+    floor = max(g.abs().max().item() for g in reference[1:]) / 100
+    worst = []
+    for fused in (True, False):
+        got = step(plain, x.to(env.dtype), fused)
+        worst.append(max(((a.double() - b).abs().max() / max(b.abs().max().item(), floor if i else 0)).item()
+                         for i, (a, b) in enumerate(zip(got, reference))))
+    return tuple(worst)
+
+
+def time_steps(model, env, *, batch, compiled, mode="default", steps=10):
+    """{"fused": ms, "unfused": ms}: the median of `steps` forward + backward steps of a copy of `model` each way,
+    compiled as the trainer will compile it (when `compiled`), after warm-up (the compile included there)."""
+    import copy
+
+    x = torch.randn(batch, 3, 32, 32, device=env.device).to(env.dtype).contiguous(memory_format=env.memory_format)
+    labels = torch.randint(0, 10, (batch,), device=env.device)
+    ms = {}
+    for key in ("fused", "unfused"):
+        net = copy.deepcopy(model).train()
+        net.fused = key == "fused"
+        run = torch.compile(net, mode=mode, dynamic=False) if compiled else net
+
+        def step():
+            with env.autocast():
+                torch.nn.functional.cross_entropy(run(x), labels).backward()
+
+        for _ in range(3):
+            step()
+        times = []
+        for _ in range(steps):
+            env.sync()
+            t0 = time.perf_counter()
+            step()
+            env.sync()
+            times.append((time.perf_counter() - t0) * 1e3)
+        ms[key] = statistics.median(times)
+    return ms
+
+
+def choose_fused(model, env, want, *, batch, compiled=False, mode="default"):
+    """Set `model.fused` for `want` (auto, on or off) and return the FuseChoice: on checks the fused path against
+    the unfused model first (one that disagrees stays unfused, with a note); auto on CUDA also times whole training
+    steps of both (compiled as the trainer compiles) and keeps the faster; elsewhere auto is off."""
+    choice = FuseChoice(why=f"--fuse {want}")
+    usable = runs_kernels(env.device) and (want == "on" or want == "auto" and env.device.type in AUTO_DEVICES)
+    if want == "auto" and not usable:
+        choice.why += ": Triton is not installed" if not HAVE_TRITON else ": the fused kernels are timed on CUDA only"
+    if usable:
+        import net.fused  # noqa: F401  (the fused ops, registered before anything compiles)
+
+        choice.error, choice.unfused_error = check_fused(model, env)
+        if choice.error > 2 * choice.unfused_error + 1e-4:  # the compile check's rule
+            choice.why += (f": the fused path disagrees with the unfused model (relative error {choice.error:.1e}, "
+                           f"the unfused model's own {choice.unfused_error:.1e}), so unfused")
+        elif want == "on":
+            choice.fused, choice.why = True, choice.why + ", checked against the unfused model"
+        else:
+            choice.ms = time_steps(model, env, batch=batch, compiled=compiled, mode=mode)
+            choice.fused = choice.ms["fused"] < choice.ms["unfused"]
+            choice.why += ", checked against the unfused model and timed" + ("" if compiled else " eager")
+    if env.ddp:  # rank 0's choice on every rank
+        shared = [choice]
+        dist.broadcast_object_list(shared, src=0)
+        choice = shared[0]
+    model.fused = choice.fused
     return choice

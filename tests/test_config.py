@@ -69,12 +69,16 @@ def test_each_mistake_is_one_line_naming_the_flag(fields, message, tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing created
 
 
-def test_conv_impl_triton_where_the_kernels_cannot_run_is_one_line(tmp_path, monkeypatch):
+def test_conv_impl_triton_and_fuse_on_where_the_kernels_cannot_run_are_one_line(tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # a CPU outside Triton's interpreter
     with pytest.raises(UserError) as e:
         checked(smoke=True, runs=str(tmp_path), conv_impl="triton")
     assert str(e.value).startswith("--conv-impl triton: ") and "use --conv-impl auto or torch" in str(e.value)
     assert checked(smoke=True, runs=str(tmp_path), conv_impl="auto").conv_impl == "auto"  # auto falls back instead
+    with pytest.raises(UserError) as e:
+        checked(smoke=True, runs=str(tmp_path), fuse="on")
+    assert str(e.value).startswith("--fuse on: the fused kernels run on CUDA")
+    assert "use --fuse auto or off" in str(e.value)
 
 
 def test_an_existing_run_is_not_overwritten(tmp_path):

@@ -102,3 +102,42 @@ def test_on_cuda_auto_checks_and_times_every_layer_at_the_trainers_batch():
     assert len(choice.ms) == len(choice.errors) == 7 and choice.notes == []
     assert all(len(shapes) == 7 for shapes in choice.tiles.values())  # autotune's pick for each layer's shape
     assert all(impl == min(choice.ms[name], key=choice.ms[name].get) for name, impl in impls(model).items())
+
+
+# --- --fuse ----------------------------------------------------------------------------------------
+
+def test_fuse_off_runs_unfused_and_checks_nothing(monkeypatch):
+    monkeypatch.setattr(convs, "check_fused", lambda *a, **k: pytest.fail("off needs no check"))
+    model = build_model()
+    choice = convs.choose_fused(model, CPU, "off", batch=1)
+    assert not model.fused and choice.line() == "off (--fuse off)"
+
+
+def test_fuse_auto_off_cuda_is_off_and_says_why():
+    model = build_model()
+    choice = convs.choose_fused(model, CPU, "auto", batch=1)  # a CPU: the interpreter is for tests, never timed
+    assert not model.fused and choice.line() == "off (--fuse auto: the fused kernels are timed on CUDA only)"
+
+
+@interpreted
+def test_fuse_on_checks_the_fused_path_against_the_unfused_model_in_float64():
+    torch.manual_seed(0)
+    model = build_model()
+    choice = convs.choose_fused(model, CPU, "on", batch=1)
+    assert model.fused and choice.fused and choice.error <= 2 * choice.unfused_error + 1e-4
+    assert choice.line().startswith("on (--fuse on, checked against the unfused model; error against float64 ")
+
+
+def test_a_fused_path_that_disagrees_stays_unfused_and_auto_keeps_the_faster(monkeypatch):
+    monkeypatch.setattr(convs, "runs_kernels", lambda device: True)
+    monkeypatch.setattr(convs, "AUTO_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(convs, "check_fused", lambda model, env: (5e-2, 1e-3))
+    model = build_model()
+    choice = convs.choose_fused(model, CPU, "on", batch=1)
+    assert not model.fused and "disagrees with the unfused model (relative error 5.0e-02" in choice.line()
+    monkeypatch.setattr(convs, "check_fused", lambda model, env: (1e-3, 1e-3))
+    for fused_ms, expect in ((1.0, True), (3.0, False)):
+        monkeypatch.setattr(convs, "time_steps", lambda model, env, **k: {"fused": fused_ms, "unfused": 2.0})
+        choice = convs.choose_fused(model, CPU, "auto", batch=1, compiled=True)
+        assert model.fused is choice.fused is expect
+        assert f"{fused_ms:.2f} ms a step fused, 2.00 unfused" in choice.line() and "timed" in choice.line()

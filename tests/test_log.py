@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.config import SHORT_RUN, Config, resolve
-from engine.convs import ConvChoice
+from engine.convs import ConvChoice, FuseChoice
 from engine.device import CompileCheck, Env
 from engine.log import Logger, NullLogger, resume_command
 from engine.loop import make_optimizer, make_schedule
@@ -29,7 +29,8 @@ def started(tmp_path, capsys):
                                                                                      "C2.grouped": {"triton": 2.0,
                                                                                                     "torch": 1.5}},
                          tiles={"forward": {"32->32 32x32 d2 NHWC bfloat16, batch 16": "32x32, 8 warps"}},
-                         why="--conv-impl auto, timed"), sizes=(1600, 64))
+                         why="--conv-impl auto, timed"), sizes=(1600, 64),
+              fuse=FuseChoice(why="--fuse auto: the fused kernels are timed on CUDA only"))
     yield log, capsys.readouterr().out
     log.bar.close()
     log.writer.close()
@@ -43,6 +44,7 @@ def test_the_start_prints_the_config_and_what_will_run(started):
     assert "threads: torch 2, DALI 1 (2 cores, 2 idle at start)" in out
     assert "convs: C1.depthwise triton 0.10/0.80 ms, C2.grouped torch 2.00/1.50 ms (--conv-impl auto, timed)" in out
     assert "conv tiles: forward 32x32, 8 warps (32->32 32x32 d2 NHWC bfloat16, batch 16)\n" in out  # autotune's pick
+    assert "fused: off (--fuse auto: the fused kernels are timed on CUDA only)\n" in out
     assert ("augmentation: flip p=0.5, shift-scale-rotate p=0.5 (shift 2 px, scale 1\u00b10.1, rotate \u00b115\u00b0)\n"
             in out)
     assert "note: a note from the caller" in out and "note: torch.compile failed (X); training eager" in out

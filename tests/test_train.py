@@ -98,7 +98,8 @@ def test_summary_has_every_field(learned):
     s = summary(learned)
     for key in ("config", "device", "torch", "dali", "params", "best_acc", "final_acc", "epochs_run", "wall_s",
                 "mean_train_img_per_s", "target_acc", "epoch_to_target", "wall_s_to_target", "history", "commit",
-                "compiled", "compile_s", "complete", "steps", "train_images", "test_images", "convs", "conv_tiles"):
+                "compiled", "compile_s", "complete", "steps", "train_images", "test_images", "convs", "conv_tiles",
+                "fused"):
         assert key in s, key
     assert set(s["convs"].values()) == {"torch"} and len(s["convs"]) == 7  # --conv-impl auto on a CPU
     assert s["epochs_run"] == 3 and s["steps"] == 12 and s["params"] == 133_322 and s["device"] == "cpu"
