@@ -6,6 +6,8 @@ run (`--sections` picks some, in this order; versions always come first):
 - kernels: the project's Triton kernels against F.conv2d on every depthwise and grouped conv of
   the model, forward and both gradients, bf16 and fp32, both layouts, at batch 512: before
   anything is timed; then the tile autotune picked for each kernel and shape;
+- fused: the fused path (net/fused.py) against the unfused model in float64, bf16 and fp32, then whole
+  training steps fused against unfused, compiled bf16 channels_last, at batch 512;
 - convs: every conv alone in each implementation, beside its memory time (`python -m bench.convs`),
   and the profiler's top kernels over the trainer's eager steps;
 - steps: the train step alone in every bench variant (eager and compiled, channels_last and
@@ -17,6 +19,7 @@ run (`--sections` picks some, in this order; versions always come first):
 Without CUDA it exits at once with one line. On one H100 (2026-11-26) the bench alone took 161 s.
 """
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -165,6 +168,33 @@ def kernels(batch=512):
                                                                                   "tiles": tiles()}
 
 
+def fused(batch=512):
+    """The fused path (net/fused.py) on the GPU: its start-up check (one training step against the unfused model
+    in float64) in bf16 and fp32, then whole training steps fused against unfused, compiled bf16 channels_last as
+    the trainer runs them, at the trainer's batch."""
+    import net.fused  # noqa: F401  (the fused ops, before anything compiles)
+    from engine.convs import check_fused, time_steps
+    from net import build_model
+
+    cfg, env = trainer_setup()
+    model = build_model(dropout=cfg.dropout).to(env.device, memory_format=env.memory_format)
+    lines, data, ok = ["| dtype | fused error | unfused error | verdict |", "|---|---|---|---|"], {}, True
+    for dtype in (torch.bfloat16, torch.float32):
+        error, unfused = check_fused(model, dataclasses.replace(env, dtype=dtype), batch=8, size=32)
+        good = error <= 2 * unfused + 1e-4  # the trainer's rule
+        ok &= good
+        data[str(dtype)] = {"error": error, "unfused_error": unfused, "ok": good}
+        verdict = "ok" if good else "FAIL"
+        lines.append(f"| {str(dtype).removeprefix('torch.')} | {error:.2e} | {unfused:.2e} | {verdict} |")
+    ms = time_steps(model, env, batch=batch, compiled=True, mode=cfg.compile_mode)
+    data["ms"] = ms
+    lines += ["", f"- a training step (forward + backward), compiled bf16 channels_last, batch {batch}: fused "
+                  f"{ms['fused']:.2f} ms ({batch / ms['fused'] * 1e3:,.0f} img/s), unfused {ms['unfused']:.2f} ms "
+                  f"({batch / ms['unfused'] * 1e3:,.0f} img/s): {ms['unfused'] / ms['fused']:.2f}x"]
+    return [f"- {'PASS' if ok else 'FAIL'}: each error the worst of the output and every gradient against float64",
+            ""] + lines, {"ok": ok, **data}
+
+
 def conv_breakdown():
     """`python -m bench.convs` on this GPU: each conv in each implementation, then the trainer's top kernels."""
     from bench.convs import conv_rows, conv_table, copy_bandwidth, tiles_table, top_kernels
@@ -213,7 +243,7 @@ def bench(out, data):
     return [f"- exit {r.returncode}; log: bench.log", ""] + lines, {"exit": r.returncode}
 
 
-SECTIONS = ("kernels", "convs", "steps", "pipelines", "tests", "bench")
+SECTIONS = ("kernels", "fused", "convs", "steps", "pipelines", "tests", "bench")
 
 
 def main(argv=None):
@@ -241,6 +271,7 @@ def main(argv=None):
     report, t0 = Report(args.out), time.perf_counter()
     report.section("versions", "Versions and device", *versions())
     run = {"kernels": lambda: report.section("kernels", "Triton kernels against F.conv2d", *kernels()),
+           "fused": lambda: report.section("fused", "The fused path against the unfused model, then timed", *fused()),
            "convs": lambda: report.section("convs", "Each conv alone, each implementation", *conv_breakdown()),
            "steps": lambda: report.section("steps", "Train step alone, every variant", *steps()),
            "pipelines": lambda: report.section("pipelines", "DALI on the GPU, alone (batch 1024)",
@@ -252,7 +283,7 @@ def main(argv=None):
         if name in wanted:
             run[name]()
     print(f"gpu-check done in {time.perf_counter() - t0:.0f} s: {report.out / 'report.md'}")
-    failed = [k for k in ("kernels", "cuda_tests") if k in report.data and not report.data[k]["ok"]]
+    failed = [k for k in ("kernels", "fused", "cuda_tests") if k in report.data and not report.data[k]["ok"]]
     return 1 if failed else 0
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import augment
-from engine.convs import choose_convs
+from engine.convs import choose_convs, choose_fused
 from engine.device import compile_checked, memory_format
 from engine.loop import make_optimizer, make_schedule, train_epoch, train_step
 from net import build_model, count_macs
@@ -21,17 +21,18 @@ from .timing import measure
 
 @dataclass(frozen=True)
 class Variant:
-    """How one model row runs: the batches' dtype and layout, compiled or not, and `--conv-impl`."""
+    """How one model row runs: the batches' dtype and layout, compiled or not, `--conv-impl` and `--fuse`."""
     dtype: torch.dtype
     channels_last: bool
     compiled: bool
     convs: str = "torch"
+    fuse: str = "off"
 
 
 def model_variants(device):
     """{key: Variant} for this device; the last is what train.py runs there (its convs chosen as
-    `--conv-impl auto` chooses them, at start, by timing both). Each variant gets the inputs
-    training would feed it: the dtype and memory layout of its name."""
+    `--conv-impl auto` chooses them, and fused or not as `--fuse auto` chooses, at start, by timing
+    both). Each variant gets the inputs training would feed it: the dtype and memory layout of its name."""
     fp32, bf16 = torch.float32, torch.bfloat16
     if device == "cuda":
         # Both layouts, both conv implementations: on an H100 (2026-11-26) cuDNN's grouped and depthwise
@@ -44,14 +45,16 @@ def model_variants(device):
                 "compiled bf16 NCHW": Variant(bf16, False, True),  # --no-channels-last: Inductor kept to NCHW
                 "compiled bf16 channels_last": Variant(bf16, True, True),
                 "compiled bf16 NCHW, triton convs": Variant(bf16, False, True, "triton"),
-                "compiled bf16 channels_last, auto convs": Variant(bf16, True, True, "auto")}
+                "compiled bf16 channels_last, fused": Variant(bf16, True, True, "triton", "on"),  # net/fused.py
+                "compiled bf16 channels_last, auto convs, auto fuse": Variant(bf16, True, True, "auto", "auto")}
     return {"eager fp32 NCHW": Variant(fp32, False, False),
             "eager fp32 channels_last": Variant(fp32, True, False, "auto")}
 
 
 def prepare_model(cfg, env, key, results):
     """(model, Env) for one variant, on the training Env's device settings: its convs chosen by the
-    trainer's `choose_convs` (their choice in results["convs"]), then, compiled, through the trainer's
+    trainer's `choose_convs` (their choice in results["convs"]), fused or not by its `choose_fused`
+    (results["fuse"]), then, compiled, through the trainer's
     compile check (once per bench: its graphs serve every later use; results["compile"] has its
     verdict, and a rejected compile is timed eager)."""
     v = model_variants(cfg.device)[key]
@@ -64,6 +67,8 @@ def prepare_model(cfg, env, key, results):
     choice = choose_convs(model, variant_env, v.convs, batch=cfg.batch_size)
     results["convs"][key] = {"line": choice.line(), "impl": choice.impl, "ms": choice.ms, "notes": choice.notes,
                             "tiles": choice.tiles}
+    fuse = choose_fused(model, variant_env, v.fuse, batch=cfg.batch_size, compiled=v.compiled, mode=cfg.compile_mode)
+    results.setdefault("fuse", {})[key] = {"fused": fuse.fused, "line": fuse.line(), "ms": fuse.ms}
     if v.compiled:
         check = compile_checked(model, variant_env, eval_batch=cfg.batch_size, train_batch=cfg.batch_size,
                                 mode=cfg.compile_mode)

@@ -64,6 +64,9 @@ def table(results):
     for key, c in results.get("convs", {}).items():
         if set(c["impl"].values()) != {"torch"} or c["ms"]:
             lines.append(f"- convs ({key}): {c['line']}" + "".join(f"; {note}" for note in c["notes"]))
+    for key, f in results.get("fuse", {}).items():
+        if f["fused"] or f["ms"]:
+            lines.append(f"- fused ({key}): {f['line']}")
     for key, c in results["compile"].items():
         lines.append(f"- compile check ({key}): " + (
             f"{c['graphs']} graphs in {c['seconds']:.1f} s; relative error against fp32 eager {c['error']:.2e} "

@@ -337,7 +337,8 @@ BLOCKS = {"cuda": {"dw_forward": dict(BLOCK_P=32, BLOCK_C=32, num_warps=8),
                           "pw_dgrad": dict(BLOCK_P=1024, BLOCK_N=256, BLOCK_K=256),
                           "pw_wgrad": dict(BLOCK_M=256, BLOCK_N=256, BLOCK_K=1024),
                           "pool": dict(BLOCK_P=1024, BLOCK_C=256)}}
-BACKWARD_PROGRAMS = 2048  # the wgrad grid aims at about this many programs (the dw backward's: net/kernels.py's)
+# The 1x1 weight gradient's grid aims at about this many programs (the 3x3 backward's: net/kernels.py's), as there.
+BACKWARD_PROGRAMS = {"cuda": 2048, "interpreter": 1}
 
 
 def blocks(kind, **extent):
@@ -384,8 +385,8 @@ def dw_forward(y_prev, s, t, seed, p, weight, dilation):
 def dw_backward(dy, dsum, dsumsq, y, y_prev, s, t, seed, p, weight, dilation):
     n, c_in, h, w = y_prev.shape
     c_out = weight.shape[0]
-    b = blocks("dw_backward", BLOCK_P=h * w, BLOCK_C=c_out)
     tiles, per_tile = backward_tiles(n, c_out, h * w)
+    b = blocks("dw_backward", BLOCK_P=per_tile, BLOCK_C=c_out)
     grid = (tiles, n, cdiv(c_out, b["BLOCK_C"]))
     dy_prev = _empty(y_prev.shape, y_prev)
     partials = torch.empty((grid[0] * n, 9 * c_out + 2 * c_in), dtype=torch.float32, device=y.device)
@@ -420,8 +421,9 @@ def pw_backward(dy, dsum, dsumsq, y, y_prev, s, t, seed, p, weight):
     ds, dt = _stats(partials)
     b = blocks("pw_wgrad", BLOCK_M=c_out, BLOCK_N=c_in, BLOCK_K=positions)
     tiles = cdiv(c_out, b["BLOCK_M"]) * cdiv(c_in, b["BLOCK_N"])
-    per_split = cdiv(cdiv(positions, max(1, min(cdiv(positions, 1024), BACKWARD_PROGRAMS // tiles))), b["BLOCK_K"]) \
-        * b["BLOCK_K"]
+    programs = BACKWARD_PROGRAMS["interpreter" if interpreting() else "cuda"]
+    splits = max(1, min(cdiv(positions, 1024), programs // tiles))
+    per_split = cdiv(cdiv(positions, splits), b["BLOCK_K"]) * b["BLOCK_K"]
     grid = (cdiv(c_out, b["BLOCK_M"]), cdiv(c_in, b["BLOCK_N"]), cdiv(positions, per_split))
     dw = torch.empty((grid[2], c_out, c_in), dtype=torch.float32, device=y.device)
     _pw_wgrad[grid](y, dy, dsum, dsumsq, y_prev, s, t, seed, dw, positions, h * w, c_in, c_out, per_split, p,

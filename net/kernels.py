@@ -152,10 +152,11 @@ AUTOTUNE_KEY = ["N", "C_out", "H", "W", "DIL", "sxn", "sxc"]  # sxn: C_in * H * 
 # Under Triton's interpreter one pinned configuration runs (autotune has broken there before, and times nothing
 # worth keeping): its cost is per program, so one wide block.
 INTERPRETED = {"forward": dict(BLOCK_P=128, BLOCK_C=256), "backward": dict(BLOCK_P=128, BLOCK_C=256)}
-# The backward's grid aims at about this many programs (at 32 channels a block): enough to fill a GPU, few enough
-# that its fp32 weight-gradient partials (tiles x C x 9 floats) stay small beside dy. Its tiles are whole multiples
-# of TILE_ALIGN positions, so of every BLOCK_P above.
-BACKWARD_PROGRAMS = 2048
+# The backward's grid aims at about this many programs (at 32 channels a block): on CUDA enough to fill a GPU, few
+# enough that its fp32 weight-gradient partials (tiles x C x 9 floats) stay small beside dy; in the interpreter,
+# whose cost is per program, one tile an image. Its tiles are whole multiples of TILE_ALIGN positions, so of every
+# BLOCK_P above.
+BACKWARD_PROGRAMS = {"cuda": 2048, "interpreter": 1}
 TILE_ALIGN = 64
 
 
@@ -251,7 +252,8 @@ def _forward(x, weight, dilation):
 def backward_tiles(n, c_out, positions):
     """(tiles per image, positions per tile) of the backward's grid: about BACKWARD_PROGRAMS programs at 32
     channels a block, each tile a whole multiple of TILE_ALIGN positions."""
-    want = max(1, min(cdiv(positions, TILE_ALIGN), BACKWARD_PROGRAMS // (n * cdiv(c_out, 32))))
+    programs = BACKWARD_PROGRAMS["interpreter" if interpreting() else "cuda"]
+    want = max(1, min(cdiv(positions, TILE_ALIGN), programs // (n * cdiv(c_out, 32))))
     per_tile = cdiv(cdiv(positions, want), TILE_ALIGN) * TILE_ALIGN
     return cdiv(positions, per_tile), per_tile
 

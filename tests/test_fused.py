@@ -149,7 +149,8 @@ def test_a_mask_is_keyed_by_the_elements_index_not_the_tiling(monkeypatch):
     small = {kind: {k: 8 for k in b} for kind, b in fused.BLOCKS["interpreter"].items()}
     monkeypatch.setitem(fused.BLOCKS, "interpreter", small)
     monkeypatch.setattr(kernels, "TILE_ALIGN", 8)  # 4 backward tiles of the 25 positions
-    monkeypatch.setattr(fused, "BACKWARD_PROGRAMS", 8)  # splits of the 1x1 conv's weight gradient
+    monkeypatch.setitem(kernels.BACKWARD_PROGRAMS, "interpreter", 64)
+    monkeypatch.setitem(fused.BACKWARD_PROGRAMS, "interpreter", 8)  # splits of the 1x1 conv's weight gradient
     for got, want in zip(ops_forward_and_backward(), wide):
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -81,13 +81,13 @@ def test_many_programs_and_tiles_cover_every_position_and_channel(monkeypatch):
     monkeypatch.setitem(kernels.INTERPRETED, "backward", dict(BLOCK_P=8, BLOCK_C=4))
     # 2 images of 20 positions x 6 outputs: 2 tiles of 12 positions an image (the second ending at the map's
     # edge), each two blocks of 8 (the second cut at the tile's end), x 2 channel blocks
-    monkeypatch.setattr(kernels, "BACKWARD_PROGRAMS", 4)
+    monkeypatch.setitem(kernels.BACKWARD_PROGRAMS, "interpreter", 4)
     monkeypatch.setattr(kernels, "TILE_ALIGN", 4)
     assert kernels.backward_tiles(2, 6, 20) == (2, 12)
     assert_matches_conv2d(3, 2, 2, torch.channels_last, torch.float32, h=4, w=5)
 
 
-def test_every_tuning_configuration_fits_the_kernels():
+def test_every_tuning_configuration_fits_the_kernels(monkeypatch):
     """At least three tiles per kernel for autotune; each a whole number of times into a backward tile, with an even
     channel block (the backward adds the two outputs of each input channel side by side); autotune's key names
     kernel arguments (Triton 3.6 would drop a misspelt one silently)."""
@@ -96,6 +96,7 @@ def test_every_tuning_configuration_fits_the_kernels():
         for c in configs:
             assert kernels.TILE_ALIGN % c["BLOCK_P"] == 0 and c["BLOCK_C"] % 2 == 0, (kind, c)
         assert set(kernels.AUTOTUNE_KEY) <= set(inspect.signature(kernels.KERNELS[kind]).parameters), kind
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)  # the grids planned on CUDA
     assert kernels.backward_tiles(512, 256, 1024) == (1, 1024)  # the widest layer at batch 512: programs enough
     assert kernels.backward_tiles(8, 32, 1024) == (16, 64)
 

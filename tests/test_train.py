@@ -554,3 +554,30 @@ def test_smoke_on_cuda_then_resume(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     s = summary(tmp_path / "gpu")
     assert s["complete"] and s["epochs_run"] == 2 and s["device"] != "cpu"
+
+
+@pytest.mark.skipif(not os.environ.get("FUSED_RUN"), reason="opt-in, minutes in Triton's interpreter: FUSED_RUN=1 make "
+                    "test ARGS='-k fused_run'")
+def test_a_fused_run_trains_checkpoints_resumes_exactly_and_evaluates_unfused(tmp_path):
+    """--fuse on in Triton's interpreter: two steps of two images (dropout 0.1: the fused masks), straight and cut
+    after the first, then resumed: the same weights to the bit (the masks' seeds come from the generator the
+    checkpoint keeps); the fused run's checkpoint evaluated by evaluate.py, which runs the unfused model, gives the
+    accuracy the fused run logged. The `seed` recipe: a schedule that does not depend on --max-steps."""
+    args = ["--smoke", "--recipe", "seed", "--fuse", "on", "--limit-train", "4", "--batch-size", "2", "--limit-test",
+            "2", "--eval-batch-size", "2", "--bn-reestimate", "0", "--runs", tmp_path]
+    r = train_here(*args, "--max-steps", "2", "--name", "whole")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "fused: on (--fuse on, checked against the unfused model; " in r.stdout
+    assert summary(tmp_path / "whole")["fused"]
+    assert train_here(*args, "--max-steps", "1", "--name", "cut").returncode == 0
+    r = train_here("--resume", tmp_path / "cut", "--max-steps", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    whole, cut = (torch.load(tmp_path / name / "last.pt", weights_only=True)["model"] for name in ("whole", "cut"))
+    for key, value in whole.items():
+        torch.testing.assert_close(cut[key], value, rtol=0, atol=0, msg=key)
+    r = subprocess.run([sys.executable, "evaluate.py", str(tmp_path / "whole")], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1], env={**ENV, "TRITON_INTERPRET": "0"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    [line] = [line for line in r.stdout.splitlines() if line.startswith("test accuracy: ")]
+    acc = line.split()[2]
+    assert f"(the trainer logged {acc} for this checkpoint)" in line  # unfused evaluation, the fused run's number
