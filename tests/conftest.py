@@ -37,12 +37,19 @@ SHARED_JPEG = Path(os.environ.get("CIFAR10_JPEG", ROOT.parent / "shared" / "data
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one; `make gpu-check` runs them)")
     config.addinivalue_line("markers", "long: takes tens of seconds; started first, so the suite does not end on it")
+    config.addinivalue_line("markers", "slow: minutes, or the package registry: past the suite's 3-minute budget, so "
+                                       "run apart, by `make test ARGS='-m slow'` (CI runs it after the suite)")
 
 
 def pytest_collection_modifyitems(config, items):
     # Longest first: pytest-xdist hands out tests in this order (after the shared-run groups), and a long test
     # started last leaves the other workers idle while it runs.
     items.sort(key=lambda item: item.get_closest_marker("long") is None)
+    if "slow" not in (config.option.markexpr or ""):
+        apart = pytest.mark.skip(reason="slow: `make test ARGS='-m slow'` runs it (CI does, after the suite)")
+        for item in items:
+            if item.get_closest_marker("slow"):
+                item.add_marker(apart)
     import torch  # here, not at the top: pytest-xdist's controller loads this file too, and never runs a test
 
     if torch.cuda.is_available():

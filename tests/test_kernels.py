@@ -248,6 +248,13 @@ def gpu_build_reports():
     return reports
 
 
+def all_build_reports():
+    """`gpu_build_reports` and tests/test_fused.py's `fused_build_reports`, in one process."""
+    from tests.test_fused import fused_build_reports
+
+    return {**gpu_build_reports(), **fused_build_reports()}
+
+
 SIDE_TRITON = "3.6.0"  # the Triton that the lent GPU's torch 2.11 brings
 
 
@@ -297,8 +304,12 @@ def build_under(triton_version, reports):
 @pytest.mark.parametrize("triton_version", ["pinned", SIDE_TRITON])
 def test_every_tile_builds_for_an_h100_without_register_spills(triton_version):
     """The built path, which the interpreter does not take (globals, constexprs, layouts, registers), under the
-    Triton this environment has and the one the lent GPU has: every tile that autotune may pick on CUDA."""
-    version, reports, registers = build_under(triton_version, "tests.test_kernels:gpu_build_reports")
-    for kind, tiles in reports.items():
-        assert tiles.keys() == {"{BLOCK_P}x{BLOCK_C}, {num_warps} warps".format(**t) for t in kernels.TUNING[kind]}
+    Triton this environment has and the one the lent GPU has: every tile that autotune may pick on CUDA, and every
+    kernel of the fused path (tests/test_fused.py's `fused_build_reports`), in one process per Triton."""
+    version, reports, registers = build_under(triton_version, "tests.test_kernels:all_build_reports")
+    for kind in kernels.TUNING:
+        assert reports[kind].keys() == {"{BLOCK_P}x{BLOCK_C}, {num_warps} warps".format(**t)
+                                        for t in kernels.TUNING[kind]}
         assert min(registers[kind].values()) <= 128, (version, kind, "none at 128 registers")
+    assert {"dw_forward", "dw_backward", "pw_forward", "pw_dgrad", "pw_wgrad", "pool_forward", "pool_backward"} \
+        <= reports.keys()  # net/fused.py's kernels, at their CUDA tiles

@@ -101,7 +101,7 @@ def pip_resolves(*requirements):
     return r.returncode == 0, {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in installs}, r.stderr
 
 
-@pytest.mark.long
+@pytest.mark.slow  # the package registry: about 25 s of pip's resolving
 def test_the_cuda_install_set_resolves_with_the_triton_its_torch_pins():
     """`make install` on a machine with an NVIDIA driver: torch as the Makefile names it there, then the project
     with the extras TRITON_EXTRA picks beside a torch that brings Triton, resolved together by pip's dry run for

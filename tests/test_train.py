@@ -556,8 +556,7 @@ def test_smoke_on_cuda_then_resume(tmp_path):
     assert s["complete"] and s["epochs_run"] == 2 and s["device"] != "cpu"
 
 
-@pytest.mark.skipif(not os.environ.get("FUSED_RUN"), reason="opt-in, minutes in Triton's interpreter: FUSED_RUN=1 make "
-                    "test ARGS='-k fused_run'")
+@pytest.mark.slow  # three minutes in Triton's interpreter
 def test_a_fused_run_trains_checkpoints_resumes_exactly_and_evaluates_unfused(tmp_path):
     """--fuse on in Triton's interpreter: two steps of two images (dropout 0.1: the fused masks), straight and cut
     after the first, then resumed: the same weights to the bit (the masks' seeds come from the generator the
