@@ -122,7 +122,7 @@ def test_fuse_auto_off_cuda_is_off_and_says_why():
 @interpreted
 def test_fuse_on_checks_the_fused_path_against_the_unfused_model_in_float64():
     torch.manual_seed(0)
-    model = build_model()
+    model = build_model(widths=(8, 16, 16, 16))  # narrow: the interpreter runs the check's two steps
     choice = convs.choose_fused(model, CPU, "on", batch=1)
     assert model.fused and choice.fused and choice.error <= 2 * choice.unfused_error + 1e-4
     assert choice.line().startswith("on (--fuse on, checked against the unfused model; error against float64 ")

@@ -139,7 +139,7 @@ def ops_forward_and_backward(seed=11, p=0.3):
     return results
 
 
-@pytest.mark.long
+@pytest.mark.slow  # the interpreter's cost per program: ten seconds of small tiles
 def test_a_mask_is_keyed_by_the_elements_index_not_the_tiling(monkeypatch):
     """Each op with tiles of 8 positions x 8 channels (several programs each way, every partial sum over several
     rows, several backward tiles an image and splits of the 1x1 weight gradient) as with the interpreter's
@@ -195,6 +195,7 @@ def test_the_ops_pass_torch_library_opcheck():
         torch.library.opcheck(op, args, test_utils=checks)
 
 
+@pytest.mark.slow  # Dynamo tracing the whole model: ten seconds
 def test_torch_compile_sees_the_fused_ops_and_no_graph_break():
     """Dynamo traces the fused forward whole (fullgraph: a graph break raises), the ops opaque; the compiled model
     computes what the eager one does. (Their fake implementations, which Inductor traces through, are opcheck's
