@@ -563,7 +563,8 @@ def test_a_fused_run_trains_checkpoints_resumes_exactly_and_evaluates_unfused(tm
     checkpoint keeps); the fused run's checkpoint evaluated by evaluate.py, which runs the unfused model, gives the
     accuracy the fused run logged. The `seed` recipe: a schedule that does not depend on --max-steps."""
     args = ["--smoke", "--recipe", "seed", "--fuse", "on", "--limit-train", "4", "--batch-size", "2", "--limit-test",
-            "2", "--eval-batch-size", "2", "--bn-reestimate", "0", "--runs", tmp_path]
+            "2", "--eval-batch-size", "2", "--bn-reestimate", "0", "--threads", "1", "--runs", tmp_path]  # one thread:
+    # the same order of every CPU sum in both runs, whatever the other tests keep busy
     r = train_here(*args, "--max-steps", "2", "--name", "whole")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "fused: on (--fuse on, checked against the unfused model; " in r.stdout
