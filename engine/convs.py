@@ -12,6 +12,7 @@ chose, for the start line, summary.json and TensorBoard's hparams. The bench and
 functions.
 """
 import contextlib
+import copy
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -166,8 +167,6 @@ def check_fused(model, env, *, batch=2, size=8, seed=0):
     and every parameter's gradient, of one training step on random images (dropout 0, whose masks differ between
     the paths) at the run's dtype, layout and device. A gradient that is 0 in exact arithmetic (a BatchNorm gamma
     whose scale the next BatchNorm divides out) is measured against a hundredth of the largest."""
-    import copy
-
     gen = torch.Generator(device=env.device).manual_seed(seed)
     x = torch.randn(batch, 3, size, size, device=env.device, generator=gen)
     labels = torch.randint(0, 10, (batch,), device=env.device, generator=gen)
@@ -198,8 +197,6 @@ def check_fused(model, env, *, batch=2, size=8, seed=0):
 def time_steps(model, env, *, batch, compiled, mode="default", steps=10):
     """{"fused": ms, "unfused": ms}: the median of `steps` forward + backward steps of a copy of `model` each way,
     compiled as the trainer will compile it (when `compiled`), after warm-up (the compile included there)."""
-    import copy
-
     x = torch.randn(batch, 3, 32, 32, device=env.device).to(env.dtype).contiguous(memory_format=env.memory_format)
     labels = torch.randint(0, 10, (batch,), device=env.device)
     ms = {}

@@ -37,7 +37,7 @@ class Logger:
         print("config:", json.dumps(dataclasses.asdict(cfg)))
         print(f"loading {'generated --smoke data' if cfg.smoke else cfg.data} ...", flush=True)
 
-    def start(self, run_dir, model, schedule, steps_per_epoch, state, notes, check, convs, sizes, fuse=None):
+    def start(self, run_dir, model, schedule, steps_per_epoch, state, notes, check, convs, sizes, fuse):
         """Once data, model and compile are ready: the run folder's writer, the facts, the bar."""
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
@@ -48,7 +48,7 @@ class Logger:
                       "compile_s": check.seconds, "compile_graphs": check.graphs, "compile_error": check.error,
                       "eager_error": check.eager_error, "convs": convs.impl, "conv_errors": convs.errors,
                       "conv_ms": convs.ms, "conv_tiles": convs.tiles,
-                      "fused": bool(fuse and fuse.fused), "fuse": fuse.line() if fuse else "off",
+                      "fused": fuse.fused, "fuse": fuse.line(),
                       "train_images": sizes[0], "test_images": sizes[1]}
         self.memory = train_memory_bytes(model, env.batch)
         self.writer = SummaryWriter(run_dir, flush_secs=10)  # curves show up while the first epoch runs
@@ -59,8 +59,7 @@ class Logger:
         print(f"convs: {convs.line()}")
         if convs.tiles_line():
             print(f"conv tiles: {convs.tiles_line()}")
-        if fuse:
-            print(f"fused: {fuse.line()}")
+        print(f"fused: {fuse.line()}")
         print(f"threads: torch {env.threads}, DALI {env.dali_threads} ({env.threads_why})")
         print(f"augmentation: {augment(cfg).describe()}")
         for note in notes + [check.note, schedule.note]:
