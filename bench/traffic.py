@@ -40,6 +40,7 @@ VARIANTS = {"torch convs": dict(conv_impl="torch", fused=False), "triton convs":
             "fused": dict(conv_impl="triton", fused=True)}
 BATCH, QUICK_BATCH = 8, 2  # images per counted step; bytes scale with the batch, the per-image figure barely does
 TOP = 10  # the largest kernels kept in the row
+PROJECT_OPS = "extern torch.ops.dalicifar."  # how the project's torch.library ops are named among the kernels
 
 
 def kernel_name(node):
@@ -143,9 +144,13 @@ def count_variant(key, device, batch):
     total = sum(b for _, b in counted)
     floor = floor_bytes_per_image(build_model(), dtype_bytes=2)  # unfused: its hooks see every conv
     top = sorted(counted, key=lambda k: -k[1])[:TOP]
+    ours = [b for name, b in counted if name.startswith(PROJECT_OPS)]
     return {"kernels": len(counted), "bytes_per_image": total / batch, "floor_bytes_per_image": floor,
             "ratio_to_floor": total / batch / floor, "batch": batch, "counted_by": f"Inductor for {device.type}",
-            "top": [{"kernel": name, "bytes_per_image": b / batch} for name, b in top]}
+            "top": [{"kernel": name, "bytes_per_image": b / batch} for name, b in top],
+            # the project's own ops (net/kernels.py, net/fused.py) apart: bench/roofline.py counts their kernels
+            # itself, and takes the rest, Inductor's kernels and torch's, at these bytes
+            "project_ops": {"kernels": len(ours), "bytes_per_image": sum(ours) / batch}}
 
 
 def traffic_rows(device, batch, variants=tuple(VARIANTS)):

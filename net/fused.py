@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .kernels import STRIDES, backward_tiles, cdiv, interpreting
+from .kernels import STRIDES, backward_tiles, cdiv, interpreting, record_or_run, tile_trips
 
 # --- the reference ---------------------------------------------------------------------------------
 
@@ -341,6 +341,18 @@ BLOCKS = {"cuda": {"dw_forward": dict(BLOCK_P=32, BLOCK_C=32, num_warps=8),
 BACKWARD_PROGRAMS = {"cuda": 2048, "interpreter": 1}
 
 
+# Each kernel's runtime loop, its trips summed over a launch's programs (as net/kernels.py's LOOP_TRIPS).
+LOOP_TRIPS = {"_dw_backward": lambda a, grid: tile_trips(a["H"] * a["W"], a["PER_TILE"], a["BLOCK_P"]) * grid[1] * grid[2],
+              "_pw_forward": lambda a, grid: cdiv(a["C_in"], a["BLOCK_K"]) * grid[0] * grid[1],
+              "_pw_dgrad": lambda a, grid: cdiv(a["C_out"], a["BLOCK_K"]) * grid[0] * grid[1],
+              "_pw_wgrad": lambda a, grid: tile_trips(a["P"], a["PER_SPLIT"], a["BLOCK_K"]) * grid[0] * grid[1],
+              "_pool_forward": lambda a, grid: cdiv(a["HW"], a["BLOCK_P"]) * grid[0] * grid[1],
+              "_pool_backward": lambda a, grid: cdiv(a["HW"], a["BLOCK_P"]) * grid[0] * grid[1]}
+
+# The FLOPs each kernel runs on tensor cores (its tl.dot matmuls), for bench/roofline.py.
+TENSOR_FLOPS = {name: lambda a: 2 * a["P"] * a["C_in"] * a["C_out"] for name in ("_pw_forward", "_pw_dgrad", "_pw_wgrad")}
+
+
 def blocks(kind, **extent):
     """The tile of kernel `kind`. Under the interpreter, whose cost grows with the tile's elements, masked or not,
     each block is cut to the power of two that covers `extent` (the tile's name -> the size it spans)."""
@@ -377,8 +389,8 @@ def dw_forward(y_prev, s, t, seed, p, weight, dilation):
     b = blocks("dw_forward", BLOCK_P=h * w, BLOCK_C=c_out)
     grid = (cdiv(h * w, b["BLOCK_P"]), n, cdiv(c_out, b["BLOCK_C"]))
     stats = torch.empty((grid[0] * n * 2, c_out), dtype=torch.float32, device=y.device)
-    _dw_forward[grid](y_prev, s, t, seed, weight.contiguous(), y, stats, c_out, h, w, dilation, p,
-                      M=c_out // c_in, DROPOUT=p > 0, **b)
+    record_or_run(_dw_forward, grid, (y_prev, s, t, seed, weight.contiguous(), y, stats, c_out, h, w, dilation, p),
+                  dict(M=c_out // c_in, DROPOUT=p > 0), b)
     return (y, *_stats(stats))
 
 
@@ -390,8 +402,8 @@ def dw_backward(dy, dsum, dsumsq, y, y_prev, s, t, seed, p, weight, dilation):
     grid = (tiles, n, cdiv(c_out, b["BLOCK_C"]))
     dy_prev = _empty(y_prev.shape, y_prev)
     partials = torch.empty((grid[0] * n, 9 * c_out + 2 * c_in), dtype=torch.float32, device=y.device)
-    _dw_backward[grid](y_prev, s, t, seed, weight.contiguous(), y, nhwc(dy), dsum, dsumsq, dy_prev, partials,
-                       c_out, h, w, dilation, per_tile, p, M=c_out // c_in, DROPOUT=p > 0, **b)
+    record_or_run(_dw_backward, grid, (y_prev, s, t, seed, weight.contiguous(), y, nhwc(dy), dsum, dsumsq, dy_prev,
+                                       partials, c_out, h, w, dilation, per_tile, p), dict(M=c_out // c_in, DROPOUT=p > 0), b)
     dw = partials[:, :9 * c_out].sum(0).view(weight.shape).to(weight.dtype)
     return dy_prev, partials[:, 9 * c_out:9 * c_out + c_in].sum(0), partials[:, 9 * c_out + c_in:].sum(0), dw
 
@@ -403,8 +415,8 @@ def pw_forward(y_prev, s, t, seed, p, weight):
     b = blocks("pw_forward", BLOCK_P=n * h * w, BLOCK_N=c_out, BLOCK_K=c_in)
     grid = (cdiv(n * h * w, b["BLOCK_P"]), cdiv(c_out, b["BLOCK_N"]))
     stats = torch.empty((grid[0] * 2, c_out), dtype=torch.float32, device=y.device)
-    _pw_forward[grid](y_prev, s, t, seed, weight.contiguous(), y, stats, n * h * w, h * w, c_in, c_out, p,
-                      DROPOUT=p > 0, DOT_F32=dot_f32(y), **b)
+    record_or_run(_pw_forward, grid, (y_prev, s, t, seed, weight.contiguous(), y, stats, n * h * w, h * w, c_in, c_out,
+                                      p), dict(DROPOUT=p > 0, DOT_F32=dot_f32(y)), b)
     return (y, *_stats(stats))
 
 
@@ -416,8 +428,8 @@ def pw_backward(dy, dsum, dsumsq, y, y_prev, s, t, seed, p, weight):
     grid = (cdiv(positions, b["BLOCK_P"]), cdiv(c_in, b["BLOCK_N"]))
     dy_prev = _empty(y_prev.shape, y_prev)
     partials = torch.empty((grid[0] * 2, c_in), dtype=torch.float32, device=y.device)
-    _pw_dgrad[grid](y, dy, dsum, dsumsq, weight, y_prev, s, t, seed, dy_prev, partials, positions, h * w, c_in, c_out,
-                    p, DROPOUT=p > 0, DOT_F32=dot_f32(y), **b)
+    record_or_run(_pw_dgrad, grid, (y, dy, dsum, dsumsq, weight, y_prev, s, t, seed, dy_prev, partials, positions, h * w,
+                                    c_in, c_out, p), dict(DROPOUT=p > 0, DOT_F32=dot_f32(y)), b)
     ds, dt = _stats(partials)
     b = blocks("pw_wgrad", BLOCK_M=c_out, BLOCK_N=c_in, BLOCK_K=positions)
     tiles = cdiv(c_out, b["BLOCK_M"]) * cdiv(c_in, b["BLOCK_N"])
@@ -426,8 +438,8 @@ def pw_backward(dy, dsum, dsumsq, y, y_prev, s, t, seed, p, weight):
     per_split = cdiv(cdiv(positions, splits), b["BLOCK_K"]) * b["BLOCK_K"]
     grid = (cdiv(c_out, b["BLOCK_M"]), cdiv(c_in, b["BLOCK_N"]), cdiv(positions, per_split))
     dw = torch.empty((grid[2], c_out, c_in), dtype=torch.float32, device=y.device)
-    _pw_wgrad[grid](y, dy, dsum, dsumsq, y_prev, s, t, seed, dw, positions, h * w, c_in, c_out, per_split, p,
-                    DROPOUT=p > 0, DOT_F32=dot_f32(y), **b)
+    record_or_run(_pw_wgrad, grid, (y, dy, dsum, dsumsq, y_prev, s, t, seed, dw, positions, h * w, c_in, c_out,
+                                    per_split, p), dict(DROPOUT=p > 0, DOT_F32=dot_f32(y)), b)
     return dy_prev, ds, dt, dw.sum(0).view(weight.shape).to(weight.dtype)
 
 
@@ -435,7 +447,7 @@ def pool_forward(y, s, t, seed, p):
     n, c, h, w = y.shape
     b = blocks("pool", BLOCK_P=h * w, BLOCK_C=c)
     pooled = torch.empty((n, c), dtype=y.dtype, device=y.device)
-    _pool_forward[(n, cdiv(c, b["BLOCK_C"]))](y, s, t, seed, pooled, h * w, c, p, DROPOUT=p > 0, **b)
+    record_or_run(_pool_forward, (n, cdiv(c, b["BLOCK_C"])), (y, s, t, seed, pooled, h * w, c, p), dict(DROPOUT=p > 0), b)
     return pooled
 
 
@@ -444,8 +456,8 @@ def pool_backward(dpooled, y, s, t, seed, p):
     b = blocks("pool", BLOCK_P=h * w, BLOCK_C=c)
     dy = _empty(y.shape, y)
     partials = torch.empty((n * 2, c), dtype=torch.float32, device=y.device)
-    _pool_backward[(n, cdiv(c, b["BLOCK_C"]))](dpooled.contiguous(), y, s, t, seed, dy, partials, h * w, c, p,
-                                               DROPOUT=p > 0, **b)
+    record_or_run(_pool_backward, (n, cdiv(c, b["BLOCK_C"])), (dpooled.contiguous(), y, s, t, seed, dy, partials, h * w,
+                                                               c, p), dict(DROPOUT=p > 0), b)
     return (dy, *_stats(partials))
 
 

@@ -21,9 +21,11 @@ every activation around each conv.
 """
 from __future__ import annotations  # the kernels' `tl.constexpr` annotations stay text where Triton is absent
 
+import contextlib
 import functools
 import importlib.util
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -196,9 +198,59 @@ def autotuned(kernel, kind):
     return triton.autotune(configs, key=AUTOTUNE_KEY)(kernel)
 
 
+@dataclass
+class Launch:
+    """A kernel launch as `recording()` keeps it: the kernel (a plain Python function of this module or a Triton
+    function of net/fused.py), its arguments (tensors, ints, floats) and constexprs, the tiles it may run with
+    (block sizes and num_warps: autotune's choices, or the one a launcher fixed), and its grid for a tile."""
+    kernel: object
+    args: tuple
+    constexprs: dict
+    tiles: list
+    grid: object  # tile -> the launch grid
+
+    @property
+    def name(self):
+        return getattr(self.kernel, "__name__", None) or self.kernel.fn.__name__
+
+    def named(self, tile):
+        """{parameter: value}: the arguments by the kernel's parameter names, with the constexprs and `tile`."""
+        import inspect
+
+        fn = getattr(self.kernel, "fn", self.kernel)
+        return {**dict(zip(inspect.signature(fn).parameters, self.args)), **self.constexprs, **tile}
+
+
+_recorded = None  # a list while `recording()` is on
+
+
+@contextlib.contextmanager
+def recording():
+    """Within it, launches are recorded ([Launch]), not run: what a step would launch, counted by bench/roofline.py
+    from the launchers themselves on tensors that may be on the meta device (nothing is computed)."""
+    global _recorded
+    _recorded, saved = [], _recorded
+    try:
+        yield _recorded
+    finally:
+        _recorded = saved
+
+
+def record_or_run(kernel, grid, args, constexprs, tile):
+    """A launcher's last step (net/fused.py's): run `kernel` over `grid` with `tile` (blocks and num_warps), or
+    record it under `recording()`."""
+    if _recorded is not None:
+        _recorded.append(Launch(kernel, args, constexprs, [tile], lambda _: grid))
+    else:
+        kernel[grid](*args, **constexprs, **tile)
+
+
 def _launch(kind, grid, *args, **constexprs):
     """Run kernel `kind` over `grid(blocks)`: on CUDA autotuned among TUNING; under the interpreter (CPU tensors,
-    where Triton builds nothing) the one INTERPRETED configuration."""
+    where Triton builds nothing) the one INTERPRETED configuration; under `recording()` recorded with TUNING."""
+    if _recorded is not None:
+        _recorded.append(Launch(KERNELS[kind], args, constexprs, TUNING[kind], grid))
+        return
     if interpreting():
         blocks = INTERPRETED[kind]
         _compiled(KERNELS[kind], True)[grid(blocks)](*args, **constexprs, **blocks)
@@ -222,6 +274,18 @@ def tiles():
                      f"{str(key[len(AUTOTUNE_KEY)]).removeprefix('torch.')}, batch {n}")
             picked[kind][shape] = "{BLOCK_P}x{BLOCK_C}".format(**config.kwargs) + f", {config.num_warps} warps"
     return picked
+
+
+def tile_trips(length, per_tile, block):
+    """Trips of a tiled loop, `for start in range(first, min(first + per_tile, length), block)`, summed over the
+    tiles first = 0, per_tile, ... of `length`."""
+    return sum(cdiv(min(first + per_tile, length) - first, block) for first in range(0, length, per_tile))
+
+
+# Each kernel's runtime loop, its trips summed over the programs of a launch ({parameter: value} with the tile, and
+# the grid): what bench/roofline.py multiplies the loop's body by. A kernel not named has no runtime loop.
+LOOP_TRIPS = {"_dwconv_backward_kernel": lambda a, grid: tile_trips(a["H"] * a["W"], a["PER_TILE"], a["BLOCK_P"])
+              * grid[1] * grid[2]}
 
 
 def output_format(x):
