@@ -228,29 +228,40 @@ def step_launches(variant, *, batch=BATCH, dtype=torch.bfloat16, p=DROPOUT, size
             from net import fused
 
             layers = [layer for block in model.features for layer in block]
-            for (conv, *_), name in list(zip(layers, layer_names(model)))[1:]:
+            seeds = fused.draw_seeds(len(layers), "meta")
+            no_keep = torch.empty(0, dtype=torch.int32, device="meta")
+
+            def keep(i, c):  # layer i's keep bits, made by their own kernel
+                if p == 0:
+                    return no_keep
+                bits = []
+                take(names[i], "forward", lambda: bits.append(fused.keep_bits(seeds, i, p, batch, c, size, size)))
+                return bits[0]
+
+            names = layer_names(model)
+            for i, (conv, *_) in list(enumerate(layers))[1:]:
                 y_prev = _meta((batch, conv.in_channels, size, size), dtype, nhwc=True)
                 y = dy = _meta((batch, conv.out_channels, size, size), dtype, nhwc=True)
                 vectors_in = [_meta((conv.in_channels,), torch.float32) for _ in range(2)]
                 vectors_out = [_meta((conv.out_channels,), torch.float32) for _ in range(2)]
-                seed = fused.draw_seeds(len(layers), "meta")[0]
-                weight = _meta(conv.weight.shape, dtype)
+                bits = keep(i - 1, conv.in_channels)
                 if conv.kernel_size == (1, 1):
-                    w2 = weight.flatten(1)
-                    take(name, "forward", lambda: fused.pw_forward(y_prev, *vectors_in, seed, p, w2))
-                    take(name, "backward", lambda: fused.pw_backward(dy, *vectors_out, y, y_prev, *vectors_in, seed,
-                                                                     p, w2))
+                    w2 = _meta((conv.out_channels, conv.in_channels), dtype)
+                    take(names[i], "forward", lambda: fused.pw_forward(y_prev, *vectors_in, bits, w2))
+                    take(names[i], "backward", lambda: fused.pw_backward(dy, *vectors_out, y, y_prev, *vectors_in,
+                                                                         bits, w2))
                 else:
+                    w9 = _meta((9, conv.out_channels), torch.float32)
                     dilation = conv.dilation[0]
-                    take(name, "forward", lambda: fused.dw_forward(y_prev, *vectors_in, seed, p, weight, dilation))
-                    take(name, "backward", lambda: fused.dw_backward(dy, *vectors_out, y, y_prev, *vectors_in, seed,
-                                                                     p, weight, dilation))
-            last = _meta((batch, layers[-1][0].out_channels, size, size), dtype, nhwc=True)
-            c = last.shape[1]
+                    take(names[i], "forward", lambda: fused.dw_forward(y_prev, *vectors_in, bits, w9, dilation))
+                    take(names[i], "backward", lambda: fused.dw_backward(dy, *vectors_out, y, y_prev, *vectors_in,
+                                                                         bits, w9, dilation))
+            c = layers[-1][0].out_channels
+            last = _meta((batch, c, size, size), dtype, nhwc=True)
             vectors = [_meta((c,), torch.float32) for _ in range(2)]
-            seed = fused.draw_seeds(len(layers), "meta")[-1]
-            take("pool", "forward", lambda: fused.pool_forward(last, *vectors, seed, p))
-            take("pool", "backward", lambda: fused.pool_backward(_meta((batch, c), dtype), last, *vectors, seed, p))
+            bits = keep(len(layers) - 1, c)
+            take("pool", "forward", lambda: fused.pool_forward(last, *vectors, bits))
+            take("pool", "backward", lambda: fused.pool_backward(_meta((batch, c), dtype), last, *vectors, bits))
         else:
             raise ValueError(f"no Triton kernels in variant {variant!r}")
     return out
@@ -273,23 +284,51 @@ def tensor_flops(launch, named):
 WORKSPACES = ("stats", "partials", "dw_partials", "dw_partial")  # fp32 partial sums, summed by torch after
 
 
-@functools.cache
-def _built(fn, key, num_warps):
-    return build(fn, dict(key), num_warps)
-
-
-def kernel_row(layer, direction, launch, tile, batch):
-    """What one launch at one tile asks of a GPU, per training image, and its build."""
+def _jit(kernel):
+    """A launch's kernel as a Triton JITFunction (net/kernels.py's are plain functions until first run)."""
     from net import kernels
 
+    return kernel if hasattr(kernel, "fn") else kernels._compiled(kernel, False)
+
+
+def build_request(launch, tile):
+    """What a launch at `tile` asks the compiler for, as plain data (for a worker process): (module, kernel name,
+    its arguments by name with each tensor as its pointer type, num_warps)."""
+    jit = _jit(launch.kernel)
+    named = launch.named({k: v for k, v in tile.items() if k != "num_warps"})
+    key = tuple((name, _hashable(named[name])) for name in inspect.signature(jit.fn).parameters)
+    return jit.fn.__module__, jit.fn.__name__, key, tile["num_warps"]
+
+
+def build_requested(request):
+    """`build` of a `build_request`, in whichever process runs it."""
+    import importlib
+
+    module, name, key, num_warps = request
+    kernel = getattr(importlib.import_module(module), name)
+    return build(_jit(kernel), dict(key), num_warps)
+
+
+def build_all(requests, workers=None):
+    """{request: Build} for every distinct request, built by `workers` processes (default: one per core): the
+    compiler is single-threaded, and the builds are most of this row's time."""
+    import concurrent.futures
+    import multiprocessing
+
+    todo = list(dict.fromkeys(requests))
+    workers = min(workers or os.cpu_count() or 1, len(todo)) or 1
+    if workers == 1:
+        return {r: build_requested(r) for r in todo}
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return dict(zip(todo, pool.map(build_requested, todo)))
+
+
+def kernel_row(layer, direction, launch, tile, batch, b):
+    """What one launch at one tile asks of a GPU, per training image, from its build `b`."""
     named = launch.named({k: v for k, v in tile.items() if k != "num_warps"})
     grid = launch.grid(tile)
     grid = tuple(grid) + (1,) * (3 - len(grid))
     programs = math.prod(grid)
-    jit = launch.kernel if hasattr(launch.kernel, "fn") else kernels._compiled(launch.kernel, False)
-    params = inspect.signature(jit.fn).parameters
-    key = tuple((name, _hashable(named[name])) for name in params)
-    b = _built(jit, key, tile["num_warps"])
     path = program_path(b.sass)
     trips = loop_trips(launch, named, grid)
     if len(trips) != len(path.loops):
@@ -303,14 +342,17 @@ def kernel_row(layer, direction, launch, tile, batch):
     uses_tensor_cores = any(kind == "op" and re.search(r"\b(HGMMA|HMMA)", text) for kind, text in b.sass)
     if uses_tensor_cores != (flops > 0):
         raise AssertionError(f"{launch.name}: tensor-core instructions {uses_tensor_cores}, TENSOR_FLOPS {flops}")
-    blocks = "x".join(str(v) for k, v in tile.items() if k.startswith("BLOCK"))
-    row = {"layer": layer, "direction": direction, "kernel": launch.name.strip("_"),
-           "tile": f"{blocks}, {tile['num_warps']} warps", "registers": b.registers, "stack": b.stack,
-           "spills": b.spills, "instructions_per_program": path.straight, "loop_bodies": path.loops,
-           "programs": programs, "warp_instructions": instructions / batch, "bytes": nbytes / batch,
-           "workspace_bytes": workspace / batch, "tensor_flops": flops / batch}
+    row = {"layer": layer, "direction": direction, "kernel": launch.name.strip("_"), "tile": tile_name(tile),
+           "registers": b.registers, "stack": b.stack, "spills": b.spills, "instructions_per_program": path.straight,
+           "loop_bodies": path.loops, "programs": programs, "warp_instructions": instructions / batch,
+           "bytes": nbytes / batch, "workspace_bytes": workspace / batch, "tensor_flops": flops / batch}
     row["times"] = times(row)
     return row
+
+
+def tile_name(tile):
+    blocks = "x".join(str(v) for k, v in tile.items() if k.startswith("BLOCK"))
+    return f"{blocks}, {tile['num_warps']} warps"
 
 
 def _hashable(value):
@@ -334,14 +376,19 @@ def seconds(row, gpu):
     return t[t["bound"]]
 
 
-def count_variant(variant, *, batch=BATCH, p=DROPOUT, dtype=torch.bfloat16, progress=print):
-    """[kernel rows]: every launch of a training step of `variant` at every tile it may run with."""
-    rows = []
+def count_variant(variant, *, batch=BATCH, p=DROPOUT, dtype=torch.bfloat16, tiles_of=None, workers=None):
+    """[kernel rows]: every launch of a training step of `variant` at every tile it may run with (`tiles_of`: only
+    the tile of each launch that these rows ran, by layer, direction and kernel)."""
+    runs = []
     for layer, direction, launch in step_launches(variant, batch=batch, dtype=dtype, p=p):
         for tile in launch.tiles:
-            rows.append(kernel_row(layer, direction, launch, tile, batch))
-        progress(f"  {variant}: {layer} {direction} {launch.name} ({len(launch.tiles)} tile(s))")
-    return rows
+            key = (layer, direction, launch.name.strip("_"))
+            if tiles_of is None or any((r["layer"], r["direction"], r["kernel"]) == key and r["tile"] == tile_name(tile)
+                                       for r in tiles_of):
+                runs.append((layer, direction, launch, tile))
+    builds = build_all([build_request(launch, tile) for _, _, launch, tile in runs], workers)
+    return [kernel_row(layer, direction, launch, tile, batch, builds[build_request(launch, tile)])
+            for layer, direction, launch, tile in runs]
 
 
 def picked(rows, gpu="H100"):
@@ -509,11 +556,11 @@ def run(args):
     print(f"building every Triton kernel of a training step for sm_90a (Triton {triton.__version__}), batch "
           f"{args.batch_size}, dropout {args.dropout} ...", flush=True)
     for variant in args.variant or VARIANTS:
-        rows = count_variant(variant, batch=args.batch_size, p=args.dropout,
-                             progress=lambda line: print(line, flush=True) if args.verbose else None)
+        rows = count_variant(variant, batch=args.batch_size, p=args.dropout)
         results["variants"][variant] = {"rows": rows}
-        if variant == "fused" and args.dropout > 0:  # what dropout costs: the same step without it
-            plain = count_variant(variant, batch=args.batch_size, p=0.0, progress=lambda line: None)
+        print(f"  {variant}: {len(rows)} kernel launches and tiles counted", flush=True)
+        if variant == "fused" and args.dropout > 0:  # what dropout costs: the same step, the same tiles, without it
+            plain = count_variant(variant, batch=args.batch_size, p=0.0, tiles_of=picked(rows))
             results["variants"]["fused, dropout 0"] = {"rows": plain}
     if counting is not None:
         counting.join()
@@ -554,7 +601,6 @@ def main(argv=None):
                         help="file name of the results, without suffix (default: <date>-roofline)")
     parser.add_argument("--png", default=str(ROOT / "docs" / "roofline.png"),
                         help="the picture (default docs/roofline.png; '' for none)")
-    parser.add_argument("--verbose", action="store_true", help="a line per launch as it is built")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from net.kernels import HAVE_TRITON, dwconv, dwconv_op, dwconv_reference, runs_kernels, tiles
+from net.kernels import HAVE_TRITON, dwconv, dwconv_op, dwconv_reference, pinned, runs_kernels, tiles
 from net.model import depthwise_convs
 
 from .device import relative_error
@@ -151,47 +151,133 @@ class FuseChoice:
     """What `choose_fused` decided, and why."""
     fused: bool = False
     why: str = ""
-    error: float = None  # the fused path's worst relative error against the unfused model in float64
-    unfused_error: float = None  # the unfused model's own, at the run's precision
+    check: "FusedCheck" = None  # the start-up check (`check_fused`), where it ran
     ms: dict = field(default_factory=dict)  # {"fused": ms, "unfused": ms} per training step (auto on CUDA)
 
     def line(self):
-        errors = (f"; error against float64 {self.error:.1e}, unfused {self.unfused_error:.1e}"
-                  if self.error is not None else "")
+        checked = f"; {self.check.line()}" if self.check is not None else ""
         times = f"; {self.ms['fused']:.2f} ms a step fused, {self.ms['unfused']:.2f} unfused" if self.ms else ""
-        return f"{'on' if self.fused else 'off'} ({self.why}{errors}{times})"
+        return f"{'on' if self.fused else 'off'} ({self.why}{checked}{times})"
 
 
-def check_fused(model, env, *, batch=2, size=8, seed=0):
-    """(fused error, unfused error): the worst relative error against the unfused model in float64, over the output
-    and every parameter's gradient, of one training step on random images (dropout 0, whose masks differ between
-    the paths) at the run's dtype, layout and device. A gradient that is 0 in exact arithmetic (a BatchNorm gamma
-    whose scale the next BatchNorm divides out) is measured against a hundredth of the largest."""
-    gen = torch.Generator(device=env.device).manual_seed(seed)
-    x = torch.randn(batch, 3, size, size, device=env.device, generator=gen)
-    labels = torch.randint(0, 10, (batch,), device=env.device, generator=gen)
-    plain = copy.deepcopy(model).train()
-    plain.fused = False
-    for m in plain.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
+@dataclass
+class FusedCheck:
+    """`check_fused`'s findings: per tensor of each step, the fused and the unfused path's relative error against
+    the unfused model in float64, and the tensors where the fused path's is more than the rule allows."""
+    errors: dict = field(default_factory=dict)  # "dropout 0.05: C2.grouped weight gradient" -> (fused, unfused)
+    failed: list = field(default_factory=list)  # those names, where fused > 2 * unfused + TOLERANCE
+    seconds: float = 0.0
+    precision: str = "fp32"
 
-    def step(net, x, fused):
-        net = copy.deepcopy(net)
-        net.fused = fused
-        with env.autocast() if x.dtype != torch.float64 else contextlib.nullcontext():
-            out = net(x.contiguous(memory_format=env.memory_format))
-            torch.nn.functional.cross_entropy(out.float(), labels).backward()
-        return [out.detach()] + [p.grad for p in net.parameters()]
+    @property
+    def worst(self):
+        """(name, fused error, unfused error) of the tensor with the largest fused error."""
+        name = max(self.errors, key=lambda k: self.errors[k][0])
+        return (name, *self.errors[name])
 
-    reference = step(copy.deepcopy(plain).double(), x.double(), False)
-    floor = max(g.abs().max().item() for g in reference[1:]) / 100
-    worst = []
-    for fused in (True, False):
-        got = step(plain, x.to(env.dtype), fused)
-        worst.append(max(((a.double() - b).abs().max() / max(b.abs().max().item(), floor if i else 0)).item()
-                         for i, (a, b) in enumerate(zip(got, reference))))
-    return tuple(worst)
+    def line(self):
+        name, fused, unfused = self.worst
+        verdict = (f"{len(self.failed)} of {len(self.errors)} tensors disagree, first {self.failed[0]}" if self.failed
+                   else f"{len(self.errors)} tensors agree")
+        return (f"checked in {self.precision} against float64 in {self.seconds:.1f} s: {verdict}; worst {name}: "
+                f"{fused:.1e} (unfused {unfused:.1e})")
+
+
+# The rule, per tensor: the fused path's error at most twice the unfused path's (the compile check's rule) plus this
+# much, for values that float64 and fp32 hold alike. In fp32 the unfused errors are ~1e-6: a wrong kernel (a zero
+# gradient is an error of 1) cannot hide under it, as it could under bf16's 0.4-0.9.
+TOLERANCE = 1e-4
+
+
+@contextlib.contextmanager
+def exact_fp32(device):
+    """fp32 as written: autocast off, and TF32 off for matmuls and cuDNN (the legacy flags, as setup_env sets
+    them), restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _step_tensors(net, run, x, labels):
+    """{name: tensor} after one training step of `net` (a copy, trained in place) run by `run(net, x)`: the output,
+    every parameter's gradient, every buffer (running statistics, batch counts)."""
+    out = run(net, x)
+    torch.nn.functional.cross_entropy(out.float(), labels).backward()
+    return {"output": out.detach(), **{f"{n} gradient": p.grad for n, p in net.named_parameters()},
+            **{n: b.detach() for n, b in net.named_buffers()}}
+
+
+def _relative_errors(got, reference, floor):
+    """{name: |got - reference|_max / max(|reference|_max, floor)} (floor for gradients only: one that is 0 in exact
+    arithmetic, a BatchNorm gamma whose scale the next BatchNorm divides out, is measured against it)."""
+    out = {}
+    for name, want in reference.items():
+        if name.endswith("num_batches_tracked"):
+            out[name] = float(not torch.equal(got[name].cpu(), want.cpu()))
+            continue
+        scale = max(want.abs().max().item(), floor if name.endswith("gradient") else 0.0)
+        out[name] = ((got[name].double() - want).abs().max() / scale).item() if scale else 0.0
+    return out
+
+
+def check_fused(model, env, *, batch=2, size=32, seed=0, precision="fp32"):
+    """The fused path against the unfused model, before a run trusts it: one training step each way, each held to
+    the unfused model in float64, tensor by tensor (the output, every parameter's gradient, every running
+    statistic), twice: with dropout 0, and with `model`'s own dropout, where the unfused layers apply the fused
+    path's masks (`net.fused.masked_reference`), so that the dropout kernels are checked before they train.
+
+    precision "fp32" (the check `choose_fused` runs): autocast and TF32 off, where the unfused path's own error is
+    ~1e-6, so the rule (`TOLERANCE`) catches a wrong kernel; "run": the run's dtype and autocast (bf16 on CUDA,
+    whose own errors reach 0.4-0.9 on some gradients: for reports only, gpu-check's). Random images at the run's
+    size (32: every kernel path the launchers plan for it, several backward tiles and 1x1 weight-gradient splits at
+    batch 2 on CUDA), channels_last, on the run's device; seeds from a generator of its own, so the run's random
+    state is untouched."""
+    from net import fused as fused_path
+
+    t0 = time.perf_counter()
+    device = env.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(batch, 3, size, size, device=device, generator=gen)
+    labels = torch.randint(0, 10, (batch,), device=device, generator=gen)
+    layers = [layer for block in model.features for layer in block]
+    seeds = torch.randint(0, 2**31 - 1, (len(layers),), device=device, generator=gen)
+    p = max(layer[3].p for layer in layers)
+
+    def net(dropout, dtype=torch.float32):
+        copy_ = copy.deepcopy(model).train().to(dtype)
+        for layer in (layer for block in copy_.features for layer in block):
+            layer[3].p = dropout
+        return copy_
+
+    result = FusedCheck(precision=precision)
+    for dropout in (0.0, p) if p > 0 else (0.0,):
+        def fused_run(m, x):
+            return fused_path.forward(m, x, seeds)
+
+        def unfused_run(m, x):
+            return fused_path.masked_reference(m, x, seeds, dropout)
+
+        reference = _step_tensors(net(dropout, torch.float64), unfused_run, x.double(), labels)
+        floor = max(t.abs().max().item() for k, t in reference.items() if k.endswith("gradient")) / 100
+        context = exact_fp32(device) if precision == "fp32" else env.autocast()
+        inputs = x.contiguous(memory_format=env.memory_format)
+        if precision != "fp32":
+            inputs = inputs.to(env.dtype)
+        with context:
+            fused_errors = _relative_errors(_step_tensors(net(dropout), fused_run, inputs, labels), reference, floor)
+            unfused_errors = _relative_errors(_step_tensors(net(dropout), unfused_run, inputs, labels), reference,
+                                              floor)
+        for name in reference:
+            key = f"dropout {dropout:g}: {name}"
+            result.errors[key] = fused_errors[name], unfused_errors[name]
+            if fused_errors[name] > 2 * unfused_errors[name] + TOLERANCE:
+                result.failed.append(key)
+    result.seconds = time.perf_counter() - t0
+    return result
 
 
 def time_steps(model, env, *, batch, compiled, mode="default", steps=10):
@@ -224,8 +310,9 @@ def time_steps(model, env, *, batch, compiled, mode="default", steps=10):
 
 def choose_fused(model, env, want, *, batch, compiled=False, mode="default"):
     """Set `model.fused` for `want` (auto, on or off) and return the FuseChoice: on checks the fused path against
-    the unfused model first (one that disagrees stays unfused, with a note); auto on CUDA also times whole training
-    steps of both (compiled as the trainer compiles) and keeps the faster; elsewhere auto is off."""
+    the unfused model first (`check_fused`, in fp32: one that disagrees on any tensor stays unfused, with a note);
+    auto on CUDA also times whole training steps of both (compiled as the trainer compiles) and keeps the faster;
+    elsewhere auto is off."""
     choice = FuseChoice(why=f"--fuse {want}")
     usable = runs_kernels(env.device) and (want == "on" or want == "auto" and env.device.type in AUTO_DEVICES)
     if want == "auto" and not usable:
@@ -233,16 +320,16 @@ def choose_fused(model, env, want, *, batch, compiled=False, mode="default"):
     if usable:
         import net.fused  # noqa: F401  (the fused ops, registered before anything compiles)
 
-        choice.error, choice.unfused_error = check_fused(model, env)
-        if choice.error > 2 * choice.unfused_error + 1e-4:  # the compile check's rule
-            choice.why += (f": the fused path disagrees with the unfused model (relative error {choice.error:.1e}, "
-                           f"the unfused model's own {choice.unfused_error:.1e}), so unfused")
+        with pinned():  # one tile each: the check runs fp32 kernels that the run never launches, once
+            choice.check = check_fused(model, env)
+        if choice.check.failed:
+            choice.why += ": the fused path disagrees with the unfused model, so unfused"
         elif want == "on":
-            choice.fused, choice.why = True, choice.why + ", checked against the unfused model"
+            choice.fused = True
         else:
             choice.ms = time_steps(model, env, batch=batch, compiled=compiled, mode=mode)
             choice.fused = choice.ms["fused"] < choice.ms["unfused"]
-            choice.why += ", checked against the unfused model and timed" + ("" if compiled else " eager")
+            choice.why += ", timed" + ("" if compiled else " eager")
     if env.ddp:  # rank 0's choice on every rank
         shared = [choice]
         dist.broadcast_object_list(shared, src=0)

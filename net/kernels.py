@@ -48,109 +48,153 @@ def dwconv_reference(x, weight, dilation):
 
 # --- the kernels -----------------------------------------------------------------------------------
 # Positions p index an image's H x W map flattened (p = h * W + w); strides make one kernel serve
-# both layouts (NHWC: channels contiguous; NCHW: positions contiguous). Output channel co reads
-# input channel co // M. Accumulation is fp32 whatever the storage dtype.
+# both layouts (NHWC: channels contiguous; NCHW: positions contiguous). A program takes a block of
+# input channels c and their M outputs co = c * M + m, side by side: each input is loaded once for
+# both. Offsets within an image are 32-bit, each image's base 64-bit, the batch on grid axis 0.
+# Accumulation is fp32 whatever the storage dtype.
 
-def _dwconv_forward_kernel(x, w, y, N, C_out, H, W, DIL,
+def _to_outputs(x, M: tl.constexpr):
+    """[P, C] -> [P, M C]: each input channel's value once for each of its M outputs, side by side."""
+    if M == 2:
+        x = tl.reshape(tl.join(x, x), [x.shape[0], 2 * x.shape[1]])
+    return x
+
+
+def _dwconv_forward_kernel(x, w, y, N, C_in, H, W, DIL,
                            sxn, sxc, sxh, sxw, syn, syc, syh, syw,
                            M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One program: BLOCK_P positions of image n x BLOCK_C output channels (grid: p blocks, N, c blocks).
-    N, the batch, is read by autotune's key only."""
-    n = tl.program_id(1).to(tl.int64)
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    co = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    h, w_ = p // W, p % W
-    p_ok, c_ok = p < H * W, co < C_out
-    x_img = x + n * sxn + (co // M)[None, :] * sxc
+    """One program: BLOCK_P positions of image n x BLOCK_C input channels and their M * BLOCK_C outputs (grid:
+    N, p blocks, c blocks). N, the batch, is read by autotune's key only."""
+    n = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    co = tl.program_id(2) * (M * BLOCK_C) + tl.arange(0, M * BLOCK_C)
+    h = p // W
+    w_ = p - h * W
+    p_ok, c_ok, co_ok = p < H * W, c < C_in, co < C_in * M
+    x_img = x + n * sxn
     # (prologue: the previous layer's BatchNorm-apply, ReLU and dropout would act on each x tile here)
-    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_P, M * BLOCK_C], dtype=tl.float32)
     for kh in tl.static_range(3):
         hh = h + (kh - 1) * DIL
         for kw in tl.static_range(3):
             ww = w_ + (kw - 1) * DIL
-            inside = p_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)  # zero padding: masked loads
-            xv = tl.load(x_img + hh[:, None] * sxh + ww[:, None] * sxw, mask=inside[:, None] & c_ok[None, :], other=0.0)
-            wv = tl.load(w + co * 9 + kh * 3 + kw, mask=c_ok, other=0.0)
-            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+            inside = p_ok & (hh.to(tl.uint32) < H) & (ww.to(tl.uint32) < W)  # zero padding: masked loads
+            xv = tl.load(x_img + (hh * sxh + ww * sxw)[:, None] + c[None, :] * sxc,
+                         mask=inside[:, None] & c_ok[None, :], other=0.0)
+            wv = tl.load(w + co * 9 + kh * 3 + kw, mask=co_ok, other=0.0)
+            acc += _to_outputs(xv.to(tl.float32), M) * wv.to(tl.float32)[None, :]
     # (epilogue: BatchNorm's per-channel sum and sum of squares of acc would be reduced here)
-    out = y + n * syn + h[:, None] * syh + w_[:, None] * syw + co[None, :] * syc
-    tl.store(out, acc.to(y.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+    out = y + n * syn + (h * syh + w_ * syw)[:, None] + co[None, :] * syc
+    tl.store(out, acc.to(y.dtype.element_ty), mask=p_ok[:, None] & co_ok[None, :])
 
 
-def _dwconv_backward_kernel(x, w, dy, dx, dw_partial, N, C_out, H, W, DIL, PER_TILE,
+def _dwconv_tap(dy_here, dx_acc, x_img, dy_img, h, w_, p_ok, c, c_ok, co, co_ok, w, H, W, DIL, sxc, sxh, sxw,
+                syc, syh, syw, KH: tl.constexpr, KW: tl.constexpr, M: tl.constexpr):
+    """Tap (KH, KW) of the backward: (dW's product at each position, dx_acc plus this tap's share)."""
+    # weight gradient: dy here against x shifted forward by the tap
+    hh, ww = h + (KH - 1) * DIL, w_ + (KW - 1) * DIL
+    inside = p_ok & (hh.to(tl.uint32) < H) & (ww.to(tl.uint32) < W)
+    xv = tl.load(x_img + (hh * sxh + ww * sxw)[:, None] + c[None, :] * sxc, mask=inside[:, None] & c_ok[None, :],
+                 other=0.0)
+    # input gradient: dy shifted back by the tap, against the tap's weight
+    hh, ww = h - (KH - 1) * DIL, w_ - (KW - 1) * DIL
+    inside = p_ok & (hh.to(tl.uint32) < H) & (ww.to(tl.uint32) < W)
+    dyv = tl.load(dy_img + (hh * syh + ww * syw)[:, None] + co[None, :] * syc,
+                  mask=inside[:, None] & co_ok[None, :], other=0.0)
+    wv = tl.load(w + co * 9 + KH * 3 + KW, mask=co_ok, other=0.0)
+    return dy_here * _to_outputs(xv.to(tl.float32), M), dx_acc + dyv.to(tl.float32) * wv.to(tl.float32)[None, :]
+
+
+def _dwconv_backward_kernel(x, w, dy, dx, dw_partial, N, C_in, H, W, DIL, PER_TILE,
                             sxn, sxc, sxh, sxw, syn, syc, syh, syw, sdn, sdc, sdh, sdw,
                             M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One program: the PER_TILE positions of tile t of image n, BLOCK_P at a time, x BLOCK_C output
-    channels and the BLOCK_C // M input channels they read (grid: tiles, N, c blocks). The tiles are
-    the launcher's, not the configuration's, so the partials' rows do not depend on what autotune picks.
+    """One program: the PER_TILE positions of tile t of image n, BLOCK_P at a time, x BLOCK_C input channels and
+    their M * BLOCK_C outputs (grid: N, tiles, c blocks). The tiles are the launcher's, not the configuration's,
+    so the partials' rows do not depend on what autotune picks.
 
     Reads dy, x and w once each, and writes both gradients:
-    - dx[p, ci] = sum over m, taps of dy[p - offset, ci*M + m] * w[ci*M + m, tap] (the transposed
-      conv): each output channel's share, then the M shares of an input channel added in registers;
-    - dw[co, tap] = sum over p of dy[p, co] * x[p + offset, co // M]: summed over the program's
-      positions into a 16 (taps, padded) x BLOCK_C tile, written as this program's fp32 partial; the
-      launcher sums the partials of all programs (deterministic, no atomics).
+    - dx[p, c] = sum over m, taps of dy[p - offset, c*M + m] * w[c*M + m, tap] (the transposed conv): each
+      output channel's share, then the M shares of an input channel added in registers;
+    - dw[co, tap] = sum over p of dy[p, co] * x[p + offset, co // M]: each tap's products summed over the
+      positions a thread meets in registers, across the program once at the end, written as its fp32 partial;
+      the launcher sums the partials of all programs (deterministic, no atomics).
     """
-    n = tl.program_id(1).to(tl.int64)
-    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)  # this program's row of partials
-    co = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ci = tl.program_id(2) * (BLOCK_C // M) + tl.arange(0, BLOCK_C // M)
-    co_ok, ci_ok = co < C_out, ci < C_out // M
-    taps = tl.arange(0, 16)
-    dw_acc = tl.zeros([16, BLOCK_C], dtype=tl.float32)
-    x_img, dy_img = x + n * sxn + (co // M)[None, :] * sxc, dy + n * syn + co[None, :] * syc
-    first = tl.program_id(0) * PER_TILE
+    n = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)  # this program's row of partials
+    C_out = C_in * M
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    co = tl.program_id(2) * (M * BLOCK_C) + tl.arange(0, M * BLOCK_C)
+    c_ok, co_ok = c < C_in, co < C_out
+    x_img, dy_img, dx_img = x + n * sxn, dy + n * syn, dx + n * sdn
+    zero = tl.zeros([BLOCK_P, M * BLOCK_C], dtype=tl.float32)
+    dw0, dw1, dw2, dw3, dw4, dw5, dw6, dw7, dw8 = zero, zero, zero, zero, zero, zero, zero, zero, zero
+    first = tl.program_id(1) * PER_TILE
     end = tl.minimum(first + PER_TILE, H * W)
     for start in range(first, end, BLOCK_P):
         p = start + tl.arange(0, BLOCK_P)
-        h, w_ = p // W, p % W
+        h = p // W
+        w_ = p - h * W
         p_ok = p < end
-        dy_here = tl.load(dy_img + h[:, None] * syh + w_[:, None] * syw, mask=p_ok[:, None] & co_ok[None, :], other=0.0)
-        dy_here = dy_here.to(tl.float32)
-        dx_acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-        for kh in tl.static_range(3):
-            for kw in tl.static_range(3):
-                # weight gradient: dy here against x shifted forward by the tap
-                hh, ww = h + (kh - 1) * DIL, w_ + (kw - 1) * DIL
-                inside = p_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-                xv = tl.load(x_img + hh[:, None] * sxh + ww[:, None] * sxw, mask=inside[:, None] & co_ok[None, :],
-                             other=0.0)
-                part = tl.sum(dy_here * xv.to(tl.float32), axis=0)
-                dw_acc += tl.where(taps[:, None] == kh * 3 + kw, part[None, :], 0.0)
-                # input gradient: dy shifted back by the tap, against the tap's weight
-                hh, ww = h - (kh - 1) * DIL, w_ - (kw - 1) * DIL
-                inside = p_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-                dyv = tl.load(dy_img + hh[:, None] * syh + ww[:, None] * syw, mask=inside[:, None] & co_ok[None, :],
-                              other=0.0)
-                wv = tl.load(w + co * 9 + kh * 3 + kw, mask=co_ok, other=0.0)
-                dx_acc += dyv.to(tl.float32) * wv.to(tl.float32)[None, :]
+        dy_here = tl.load(dy_img + (h * syh + w_ * syw)[:, None] + co[None, :] * syc,
+                          mask=p_ok[:, None] & co_ok[None, :], other=0.0).to(tl.float32)
+        dx_acc = zero
+        args = (x_img, dy_img, h, w_, p_ok, c, c_ok, co, co_ok, w, H, W, DIL, sxc, sxh, sxw, syc, syh, syw)
+        prod, dx_acc = _dwconv_tap(dy_here, dx_acc, *args, 0, 0, M)
+        dw0 += prod
+        prod, dx_acc = _dwconv_tap(dy_here, dx_acc, *args, 0, 1, M)
+        dw1 += prod
+        prod, dx_acc = _dwconv_tap(dy_here, dx_acc, *args, 0, 2, M)
+        dw2 += prod
+        prod, dx_acc = _dwconv_tap(dy_here, dx_acc, *args, 1, 0, M)
+        dw3 += prod
+        prod, dx_acc = _dwconv_tap(dy_here, dx_acc, *args, 1, 1, M)
+        dw4 += prod
+        prod, dx_acc = _dwconv_tap(dy_here, dx_acc, *args, 1, 2, M)
+        dw5 += prod
+        prod, dx_acc = _dwconv_tap(dy_here, dx_acc, *args, 2, 0, M)
+        dw6 += prod
+        prod, dx_acc = _dwconv_tap(dy_here, dx_acc, *args, 2, 1, M)
+        dw7 += prod
+        prod, dx_acc = _dwconv_tap(dy_here, dx_acc, *args, 2, 2, M)
+        dw8 += prod
         if M == 2:  # the two output channels of each input channel sit side by side: add them
-            dx_acc = tl.sum(tl.reshape(dx_acc, [BLOCK_P, BLOCK_C // 2, 2]), axis=2)
-        out = dx + n * sdn + h[:, None] * sdh + w_[:, None] * sdw + ci[None, :] * sdc
-        tl.store(out, dx_acc.to(dx.dtype.element_ty), mask=p_ok[:, None] & ci_ok[None, :])
-    partial = dw_partial + tile.to(tl.int64) * C_out * 9 + co[None, :] * 9 + taps[:, None]
-    tl.store(partial, dw_acc, mask=(taps[:, None] < 9) & co_ok[None, :])
+            dx_acc = tl.sum(tl.reshape(dx_acc, [BLOCK_P, BLOCK_C, 2]), axis=2)
+        out = dx_img + (h * sdh + w_ * sdw)[:, None] + c[None, :] * sdc
+        tl.store(out, dx_acc.to(dx.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+    partial = dw_partial + tile.to(tl.int64) * C_out * 9 + co * 9
+    tl.store(partial, tl.sum(dw0, axis=0), mask=co_ok)
+    tl.store(partial + 1, tl.sum(dw1, axis=0), mask=co_ok)
+    tl.store(partial + 2, tl.sum(dw2, axis=0), mask=co_ok)
+    tl.store(partial + 3, tl.sum(dw3, axis=0), mask=co_ok)
+    tl.store(partial + 4, tl.sum(dw4, axis=0), mask=co_ok)
+    tl.store(partial + 5, tl.sum(dw5, axis=0), mask=co_ok)
+    tl.store(partial + 6, tl.sum(dw6, axis=0), mask=co_ok)
+    tl.store(partial + 7, tl.sum(dw7, axis=0), mask=co_ok)
+    tl.store(partial + 8, tl.sum(dw8, axis=0), mask=co_ok)
 
 
 # --- launchers -------------------------------------------------------------------------------------
 
 KERNELS = {"forward": _dwconv_forward_kernel, "backward": _dwconv_backward_kernel}
+HELPERS = {"_to_outputs": _to_outputs, "_dwconv_tap": _dwconv_tap}  # Triton functions the kernels call
 
 # The tiles autotune may pick on CUDA, timed there on the first call of each shape; its key: the batch, channels,
-# map, dilation and layout below, and the tensors' dtypes, which autotune adds itself. Every one builds for sm_90a
-# with no register spill under both Tritons the project meets: the pinned one, and 3.6.0, which the lent GPU's
-# torch 2.11 brings (tests/test_kernels.py builds each and prints its registers per thread). In brackets, those
-# registers at the model's widest shapes (bf16, channels_last, 128 -> 256), Triton 3.9.0 / 3.6.0: the fewer, the
-# more blocks share a multiprocessor (65,536 registers), and these kernels only keep memory busy.
-TUNING = {"forward": [dict(BLOCK_P=32, BLOCK_C=32, num_warps=8),    # (58 / 92)
-                      dict(BLOCK_P=16, BLOCK_C=64, num_warps=8),    # (58 / 60)
-                      dict(BLOCK_P=32, BLOCK_C=32, num_warps=4),    # (126 / 161)
-                      dict(BLOCK_P=64, BLOCK_C=32, num_warps=8)],   # (126 / 163)
-          "backward": [dict(BLOCK_P=32, BLOCK_C=32, num_warps=8),   # (127 / 96)
-                       dict(BLOCK_P=16, BLOCK_C=64, num_warps=8),   # (125 / 106)
-                       dict(BLOCK_P=16, BLOCK_C=32, num_warps=8),   # (75 / 64)
-                       dict(BLOCK_P=32, BLOCK_C=64, num_warps=8)]}  # (204 / 143)
-AUTOTUNE_KEY = ["N", "C_out", "H", "W", "DIL", "sxn", "sxc"]  # sxn: C_in * H * W; sxc: 1 in NHWC, H * W in NCHW
+# map, dilation and layout below, and the tensors' dtypes, which autotune adds itself. BLOCK_C counts input
+# channels (M * BLOCK_C outputs). Every one builds for sm_90a with no register spill under both Tritons the project
+# meets, the pinned one and 3.6.0 (the lent GPU's torch 2.11 brings it), in every variant a step launches (M 1 and
+# 2, bf16 and fp32, both layouts): tests/test_kernels.py builds each. `python -m bench.roofline` counts their
+# instructions; bench/results/*-roofline-*.md has each tile's registers and count per layer.
+TUNING = {"forward": [dict(BLOCK_P=32, BLOCK_C=32, num_warps=4),
+                      dict(BLOCK_P=64, BLOCK_C=32, num_warps=8),
+                      dict(BLOCK_P=32, BLOCK_C=32, num_warps=8),
+                      dict(BLOCK_P=16, BLOCK_C=64, num_warps=8)],
+          "backward": [dict(BLOCK_P=32, BLOCK_C=32, num_warps=8),
+                       dict(BLOCK_P=16, BLOCK_C=64, num_warps=8),
+                       dict(BLOCK_P=16, BLOCK_C=32, num_warps=8),
+                       dict(BLOCK_P=32, BLOCK_C=16, num_warps=4)]}
+# sxn: C_in * H * W, syn: C_out * H * W (so M); sxc: 1 in NHWC, H * W in NCHW
+AUTOTUNE_KEY = ["N", "C_in", "H", "W", "DIL", "sxn", "sxc", "syn"]
 # Under Triton's interpreter one pinned configuration runs (autotune has broken there before, and times nothing
 # worth keeping): its cost is per program, so one wide block.
 INTERPRETED = {"forward": dict(BLOCK_P=128, BLOCK_C=256), "backward": dict(BLOCK_P=128, BLOCK_C=256)}
@@ -185,7 +229,9 @@ def _compiled(fn, interpreted):
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
-    return InterpretedFunction(fn) if interpreted else JITFunction(fn)
+    wrap = InterpretedFunction if interpreted else JITFunction
+    globals().update({name: wrap(helper) for name, helper in HELPERS.items()})  # what the kernels call, alike
+    return wrap(fn)
 
 
 _autotuners = {}  # kind -> its kernel under triton.autotune, made at the first launch on CUDA
@@ -222,6 +268,20 @@ class Launch:
 
 
 _recorded = None  # a list while `recording()` is on
+_pinned = False  # while `pinned()` is on: the first TUNING tile, no autotune
+
+
+@contextlib.contextmanager
+def pinned():
+    """Within it, the kernels here and net/fused.py's run their first TUNING tile, unautotuned: for checks (the
+    fused path's start-up check, in fp32), which would otherwise build and time every tile of kernels the run
+    never launches."""
+    global _pinned
+    _pinned, saved = True, _pinned
+    try:
+        yield
+    finally:
+        _pinned = saved
 
 
 @contextlib.contextmanager
@@ -236,15 +296,6 @@ def recording():
         _recorded = saved
 
 
-def record_or_run(kernel, grid, args, constexprs, tile):
-    """A launcher's last step (net/fused.py's): run `kernel` over `grid` with `tile` (blocks and num_warps), or
-    record it under `recording()`."""
-    if _recorded is not None:
-        _recorded.append(Launch(kernel, args, constexprs, [tile], lambda _: grid))
-    else:
-        kernel[grid](*args, **constexprs, **tile)
-
-
 def _launch(kind, grid, *args, **constexprs):
     """Run kernel `kind` over `grid(blocks)`: on CUDA autotuned among TUNING; under the interpreter (CPU tensors,
     where Triton builds nothing) the one INTERPRETED configuration; under `recording()` recorded with TUNING."""
@@ -254,6 +305,10 @@ def _launch(kind, grid, *args, **constexprs):
     if interpreting():
         blocks = INTERPRETED[kind]
         _compiled(KERNELS[kind], True)[grid(blocks)](*args, **constexprs, **blocks)
+        return
+    if _pinned:
+        tile = TUNING[kind][0]
+        _compiled(KERNELS[kind], False)[grid(tile)](*args, **constexprs, **tile)
         return
     if kind not in _autotuners:
         _autotuners[kind] = autotuned(_compiled(KERNELS[kind], False), kind)
@@ -269,8 +324,8 @@ def tiles():
     for kind, tuner in _autotuners.items():
         picked[kind] = {}
         for key, config in tuner.cache.items():  # key: AUTOTUNE_KEY's values, then each tensor's dtype
-            n, c_out, h, w, dilation, sxn, sxc = key[:len(AUTOTUNE_KEY)]
-            shape = (f"{sxn // (h * w)}->{c_out} {h}x{w} d{dilation} {'NHWC' if sxc == 1 else 'NCHW'} "
+            n, c_in, h, w, dilation, sxn, sxc, syn = key[:len(AUTOTUNE_KEY)]
+            shape = (f"{c_in}->{syn // (h * w)} {h}x{w} d{dilation} {'NHWC' if sxc == 1 else 'NCHW'} "
                      f"{str(key[len(AUTOTUNE_KEY)]).removeprefix('torch.')}, batch {n}")
             picked[kind][shape] = "{BLOCK_P}x{BLOCK_C}".format(**config.kwargs) + f", {config.num_warps} warps"
     return picked
@@ -285,7 +340,7 @@ def tile_trips(length, per_tile, block):
 # Each kernel's runtime loop, its trips summed over the programs of a launch ({parameter: value} with the tile, and
 # the grid): what bench/roofline.py multiplies the loop's body by. A kernel not named has no runtime loop.
 LOOP_TRIPS = {"_dwconv_backward_kernel": lambda a, grid: tile_trips(a["H"] * a["W"], a["PER_TILE"], a["BLOCK_P"])
-              * grid[1] * grid[2]}
+              * grid[0] * grid[2]}
 
 
 def output_format(x):
@@ -306,9 +361,9 @@ def _forward(x, weight, dilation):
     y = _empty_like_output(x, c_out)
 
     def grid(blocks):
-        return cdiv(h * w, blocks["BLOCK_P"]), n, cdiv(c_out, blocks["BLOCK_C"])
+        return n, cdiv(h * w, blocks["BLOCK_P"]), cdiv(c_in, blocks["BLOCK_C"])
 
-    _launch("forward", grid, x, weight.contiguous(), y, n, c_out, h, w, dilation, *x.stride(), *y.stride(),
+    _launch("forward", grid, x, weight.contiguous(), y, n, c_in, h, w, dilation, *x.stride(), *y.stride(),
             M=c_out // c_in)
     return y
 
@@ -330,9 +385,9 @@ def _backward(dy, x, weight, dilation):
     partial = torch.empty((tiles_per_image * n, c_out, TAPS), dtype=torch.float32, device=x.device)
 
     def grid(blocks):
-        return tiles_per_image, n, cdiv(c_out, blocks["BLOCK_C"])
+        return n, tiles_per_image, cdiv(c_in, blocks["BLOCK_C"])
 
-    _launch("backward", grid, x, weight.contiguous(), dy, dx, partial, n, c_out, h, w, dilation, per_tile,
+    _launch("backward", grid, x, weight.contiguous(), dy, dx, partial, n, c_in, h, w, dilation, per_tile,
             *x.stride(), *dy.stride(), *dx.stride(), M=c_out // c_in)
     dw = partial.sum(0).view(weight.shape).to(weight.dtype)
     return dx, dw

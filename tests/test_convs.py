@@ -119,23 +119,98 @@ def test_fuse_auto_off_cuda_is_off_and_says_why():
     assert not model.fused and choice.line() == "off (--fuse auto: the fused kernels are timed on CUDA only)"
 
 
+NARROW = (8, 16, 16, 16)  # the interpreter runs every step of the check: narrow layers, the real 32x32 maps
+
+
 @interpreted
-def test_fuse_on_checks_the_fused_path_against_the_unfused_model_in_float64():
+def test_fuse_on_checks_every_tensor_in_fp32_with_and_without_dropout_and_says_what_it_cost():
     torch.manual_seed(0)
-    model = build_model(widths=(8, 16, 16, 16))  # narrow: the interpreter runs the check's two steps
+    model = build_model(widths=NARROW, dropout=0.1)
     choice = convs.choose_fused(model, CPU, "on", batch=1)
-    assert model.fused and choice.fused and choice.error <= 2 * choice.unfused_error + 1e-4
-    assert choice.line().startswith("on (--fuse on, checked against the unfused model; error against float64 ")
+    assert model.fused and choice.fused and choice.check.failed == []
+    names = list(choice.check.errors)
+    assert {n.split(":")[0] for n in names} == {"dropout 0", "dropout 0.1"}  # both steps
+    assert sum(n.endswith("gradient") for n in names) == 2 * len(list(model.parameters()))  # every gradient
+    assert sum("running_var" in n for n in names) == 2 * 12 and any(n.endswith("output") for n in names)
+    _, worst, _ = choice.check.worst
+    assert worst < 1e-3  # fp32 against float64
+    assert choice.line().startswith("on (--fuse on; checked in fp32 against float64 in ")
+    assert f"{len(names)} tensors agree" in choice.line()
+
+
+def broken(monkeypatch, what):
+    """The fused path with one fault of `what`: a 3x3 conv's weight gradient returned as zeros (the 16-channel
+    d4 layer, as issue #41 found the old bf16 check let through), or dropout's keep bits ignored by the kernels."""
+    from net import fused
+
+    if what == "weight gradient":
+        real = fused.dw_backward
+
+        def dw_backward(dy, dsum, dsumsq, y, y_prev, s, t, keep, weight, dilation):
+            out = real(dy, dsum, dsumsq, y, y_prev, s, t, keep, weight, dilation)
+            return (*out[:3], out[3] * 0) if dilation == 4 and weight.shape[1] == 16 else out
+
+        monkeypatch.setattr(fused, "dw_backward", dw_backward)
+    else:
+        monkeypatch.setattr(fused, "keep_bits_op", lambda seeds, layer, p, n, c, h, w: torch.full(
+            (n, h, w, (c + 31) // 32), -1, dtype=torch.int32))
+
+
+@interpreted
+@pytest.mark.parametrize("fault", ["weight gradient", "dropout"])
+def test_the_check_fails_a_fused_path_with_a_wrong_kernel(monkeypatch, fault):
+    """A zero weight gradient fails in fp32 (error 1 against ~1e-6) whatever the initialisation, on exactly the
+    tensors it zeroes; dropout's kernels are held to the unfused layers applying dropout_mask's masks, so ignoring
+    the masks fails the dropout step alone. On 8x8 maps: what the check can see does not depend on the size."""
+    torch.manual_seed(1)
+    model = build_model(widths=NARROW, dropout=0.1)
+    broken(monkeypatch, fault)
+    check = convs.check_fused(model, CPU, batch=1, size=8)
+    if fault == "weight gradient":  # the 16-channel d4 convs of the narrow model: C3's depthwise, C4's first
+        assert set(check.failed) == {f"dropout {p}: features.{b}.weight gradient" for p in ("0", "0.1")
+                                     for b in ("2.1.0", "3.0.0")}
+    else:
+        assert check.failed and all(name.startswith("dropout 0.1: ") for name in check.failed)
+
+
+@interpreted
+def test_the_fp32_check_runs_fp32_whatever_the_runs_autocast(monkeypatch):
+    """In a bf16 environment (CPU autocast here, as CUDA's would be), the fp32 check's kernels see fp32 tensors
+    and TF32 stays off; the run-precision check sees bf16: the check would fail this test if autocast leaked in."""
+    from net import fused
+
+    seen = []
+    real = fused.dw_forward
+
+    def dw_forward(y_prev, *args):
+        seen.append((y_prev.dtype, torch.is_autocast_enabled("cpu"), torch.backends.cuda.matmul.allow_tf32))
+        return real(y_prev, *args)
+
+    monkeypatch.setattr(fused, "dw_forward", dw_forward)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    bf16 = Env(device=torch.device("cpu"), autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+               dtype=torch.bfloat16)
+    model = build_model(widths=NARROW, dropout=0.0)
+    convs.check_fused(model, bf16, batch=1, size=4)
+    assert seen and set(seen) == {(torch.float32, False, False)}
+    assert torch.backends.cuda.matmul.allow_tf32  # restored
+    seen.clear()
+    convs.check_fused(model, bf16, batch=1, size=4, precision="run")
+    assert {dtype for dtype, _, _ in seen} == {torch.bfloat16}
 
 
 def test_a_fused_path_that_disagrees_stays_unfused_and_auto_keeps_the_faster(monkeypatch):
     monkeypatch.setattr(convs, "runs_kernels", lambda device: True)
     monkeypatch.setattr(convs, "AUTO_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(convs, "check_fused", lambda model, env: (5e-2, 1e-3))
+    bad = convs.FusedCheck(errors={"dropout 0: output": (1e-3, 1e-6), "dropout 0: w gradient": (1.0, 1e-6)},
+                           failed=["dropout 0: w gradient"], seconds=0.5)
+    monkeypatch.setattr(convs, "check_fused", lambda model, env: bad)
     model = build_model()
     choice = convs.choose_fused(model, CPU, "on", batch=1)
-    assert not model.fused and "disagrees with the unfused model (relative error 5.0e-02" in choice.line()
-    monkeypatch.setattr(convs, "check_fused", lambda model, env: (1e-3, 1e-3))
+    assert not model.fused and "disagrees with the unfused model, so unfused" in choice.line()
+    assert "1 of 2 tensors disagree, first dropout 0: w gradient" in choice.line()
+    good = convs.FusedCheck(errors={"dropout 0: output": (1e-6, 1e-6)}, seconds=0.5)
+    monkeypatch.setattr(convs, "check_fused", lambda model, env: good)
     for fused_ms, expect in ((1.0, True), (3.0, False)):
         monkeypatch.setattr(convs, "time_steps", lambda model, env, **k: {"fused": fused_ms, "unfused": 2.0})
         choice = convs.choose_fused(model, CPU, "auto", batch=1, compiled=True)

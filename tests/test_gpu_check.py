@@ -24,10 +24,36 @@ def test_cuda_tests_cut_short_are_a_timeout_with_their_log_kept(tmp_path):
 def test_an_unknown_section_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         gpu_check.main(["--sections", "kernels,warp-drive"])
-    assert e.value.code == 2 and "--sections takes some of kernels, fused, convs, steps" in capsys.readouterr().err
+    assert e.value.code == 2 and "--sections takes some of fused-tests, kernels, fused, convs" in capsys.readouterr().err
 
 
 @pytest.mark.cuda
 def test_on_cuda_the_kernels_section_checks_every_layer_and_passes():
     lines, data = gpu_check.kernels(batch=16)
     assert data["ok"] and len(data["rows"]) == 7 * 2 * 2 and lines[0].startswith("- PASS")
+
+
+def test_the_fused_sections_verdict_is_the_fp32_check_and_the_bf16_row_is_for_the_record(monkeypatch):
+    """The fused section's fp32 row is check_fused's fp32 precision (autocast and TF32 off: tests/test_convs.py
+    shows that it runs fp32 even in a bf16 environment); the bf16 row, the run's precision, decides nothing."""
+    from engine import convs
+    from engine.config import Config, resolve
+    from engine.device import Env
+
+    monkeypatch.setattr(gpu_check, "trainer_setup", lambda: (resolve(Config(device="cpu")),
+                                                             Env(device=torch.device("cpu"))))
+    monkeypatch.setattr(convs, "time_steps", lambda model, env, **k: {"fused": 1.0, "unfused": 2.0})
+    asked = []
+
+    def check(failing):
+        def check_fused(model, env, *, batch, precision):
+            asked.append(precision)
+            failed = ["dropout 0: output"] if precision == failing else []
+            return convs.FusedCheck(errors={"dropout 0: output": (1e-6, 1e-6)}, failed=failed, precision=precision)
+        return check_fused
+
+    for failing, ok in (("run", True), ("fp32", False)):
+        monkeypatch.setattr(convs, "check_fused", check(failing))
+        lines, data = gpu_check.fused(batch=4)
+        assert data["ok"] is ok and lines[0].startswith("- PASS" if ok else "- FAIL")
+    assert asked == ["fp32", "run"] * 2
