@@ -23,7 +23,6 @@ run (`--sections` picks some, in this order; versions always come first):
 Without CUDA it exits at once with one line. On one H100 (2026-11-26) the bench alone took 161 s.
 """
 import argparse
-import dataclasses
 import json
 import os
 import platform

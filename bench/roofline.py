@@ -27,7 +27,6 @@ misses (the 3x3 taps' halo is assumed to come from cache), launch gaps, and the 
 """
 import argparse
 import datetime
-import functools
 import inspect
 import json
 import math
@@ -203,9 +202,10 @@ def _meta(shape, dtype, nhwc=False):
     return t.contiguous(memory_format=torch.channels_last) if nhwc else t
 
 
-def step_launches(variant, *, batch=BATCH, dtype=torch.bfloat16, p=DROPOUT, size=SIZE):
+def step_launches(variant, *, batch=BATCH, dtype=torch.bfloat16, p=DROPOUT, size=SIZE, channels_last=True):
     """[(layer, direction, Launch)]: every launch of the project's Triton kernels in one training step of `variant`
-    ("triton convs": net/kernels.py's convs; "fused": net/fused.py), recorded from the launchers themselves."""
+    ("triton convs": net/kernels.py's convs, in either layout; "fused": net/fused.py, channels_last always),
+    recorded from the launchers themselves."""
     from net import build_model, kernels
     from net.model import depthwise_convs
 
@@ -219,8 +219,8 @@ def step_launches(variant, *, batch=BATCH, dtype=torch.bfloat16, p=DROPOUT, size
 
         if variant == "triton convs":
             for name, conv in depthwise_convs(model).items():
-                x = _meta((batch, conv.in_channels, size, size), dtype, nhwc=True)
-                dy = _meta((batch, conv.out_channels, size, size), dtype, nhwc=True)
+                x = _meta((batch, conv.in_channels, size, size), dtype, nhwc=channels_last)
+                dy = _meta((batch, conv.out_channels, size, size), dtype, nhwc=channels_last)
                 weight = _meta(conv.weight.shape, dtype)
                 take(name, "forward", lambda: kernels._forward(x, weight, conv.dilation[0]))
                 take(name, "backward", lambda: kernels._backward(dy, x, weight, conv.dilation[0]))
@@ -296,7 +296,9 @@ def build_request(launch, tile):
     its arguments by name with each tensor as its pointer type, num_warps)."""
     jit = _jit(launch.kernel)
     named = launch.named({k: v for k, v in tile.items() if k != "num_warps"})
-    key = tuple((name, _hashable(named[name])) for name in inspect.signature(jit.fn).parameters)
+    params = inspect.signature(jit.fn).parameters.items()
+    key = tuple((name, named[name] if "constexpr" in str(p.annotation) else _specialised(named[name]))
+                for name, p in params)
     return jit.fn.__module__, jit.fn.__name__, key, tile["num_warps"]
 
 
@@ -355,9 +357,13 @@ def tile_name(tile):
     return f"{blocks}, {tile['num_warps']} warps"
 
 
-def _hashable(value):
+def _specialised(value):
+    """An argument as the build sees it: a tensor its pointer type (pointers taken as aligned), an int only
+    whether it is 1 or a multiple of 16 (a stand-in with the same specialisation), the rest as is."""
     if isinstance(value, torch.Tensor):
-        return POINTER[value.dtype]  # the build depends on the dtype only (pointers are taken as aligned)
+        return POINTER[value.dtype]
+    if type(value) is int:
+        return 1 if value == 1 else 16 if value % 16 == 0 else 17
     return value
 
 
@@ -389,6 +395,36 @@ def count_variant(variant, *, batch=BATCH, p=DROPOUT, dtype=torch.bfloat16, tile
     builds = build_all([build_request(launch, tile) for _, _, launch, tile in runs], workers)
     return [kernel_row(layer, direction, launch, tile, batch, builds[build_request(launch, tile)])
             for layer, direction, launch, tile in runs]
+
+
+# Every variant of a step that launches Triton kernels: (variant, dtype, dropout, channels_last). The training run's
+# first (bf16, the recipe's dropout); fp32 is what the fused path's start-up check and gpu-check run.
+STEP_VARIANTS = ([("fused", dtype, p, True) for dtype in (torch.bfloat16, torch.float32) for p in (DROPOUT, 0.0)]
+                 + [("triton convs", dtype, 0.0, layout) for dtype in (torch.bfloat16, torch.float32)
+                    for layout in (True, False)])
+
+
+def build_report(scope="all"):
+    """[{kernel, variant, tile, registers, stack, spills}]: every kernel of every STEP_VARIANTS at every TUNING tile
+    ("all"), or the training variants' kernels at their first tile ("training": bf16, the recipe's dropout,
+    channels_last), built for sm_90a (for the build test, under each Triton: tests/test_kernels.py)."""
+    variants = STEP_VARIANTS if scope == "all" else [v for v in STEP_VARIANTS if v[1] == torch.bfloat16 and v[3]
+                                                       and (v[0] != "fused" or v[2] > 0)]
+    runs = []
+    for variant, dtype, p, layout in variants:
+        label = f"{variant}, {str(dtype).removeprefix('torch.')}, dropout {p:g}, {'NHWC' if layout else 'NCHW'}"
+        for layer, direction, launch in step_launches(variant, dtype=dtype, p=p, channels_last=layout):
+            for tile in launch.tiles if scope == "all" else launch.tiles[:1]:
+                runs.append((label, launch, tile, build_request(launch, tile)))
+    builds = build_all([r for *_, r in runs])
+    out = {}
+    for label, launch, tile, request in runs:  # one row per build and variant (layers that build alike, once)
+        b = builds[request]
+        m = launch.constexprs.get("M")
+        out[(label, request)] = {"kernel": launch.name.strip("_") + (f", M {m}" if m else ""), "variant": label,
+                                 "tile": tile_name(tile), "registers": b.registers, "stack": b.stack,
+                                 "spills": b.spills}
+    return list(out.values())
 
 
 def picked(rows, gpu="H100"):

@@ -95,22 +95,24 @@ def shapes_only():
 
     cl, plain, f32 = torch.channels_last, torch.contiguous_format, torch.float32
 
-    def conv(y_prev, s, t, seed, p, weight, *dilation):
+    def conv(y_prev, s, t, keep, weight, *dilation):
         n, _, h, w = y_prev.shape
-        c = weight.shape[0]
+        c = weight.shape[1] if dilation else weight.shape[0]  # a 3x3 weight is (9, C_out), a 1x1's (C_out, C_in)
         return zeros(((n, c, h, w), y_prev.dtype, y_prev, cl), ((c,), f32, s, plain), ((c,), f32, s, plain))
 
-    def conv_backward(dy, dsum, dsumsq, y, y_prev, s, t, seed, p, weight, *dilation):
+    def conv_backward(dy, dsum, dsumsq, y, y_prev, s, t, keep, weight, *dilation):
         c = y_prev.shape[1]
         return zeros((y_prev.shape, y_prev.dtype, y_prev, cl), ((c,), f32, s, plain), ((c,), f32, s, plain),
                      (weight.shape, weight.dtype, weight, plain))
 
     stand_ins = {fused: dict(dw_forward=conv, pw_forward=conv, dw_backward=conv_backward, pw_backward=conv_backward,
-                             pool_forward=lambda y, s, t, seed, p: zeros(((y.shape[0], y.shape[1]), y.dtype, y,
-                                                                          plain))[0],
-                             pool_backward=lambda dp, y, s, t, seed, p: zeros(
+                             pool_forward=lambda y, s, t, keep: zeros(((y.shape[0], y.shape[1]), y.dtype, y,
+                                                                       plain))[0],
+                             pool_backward=lambda dp, y, s, t, keep: zeros(
                                  (y.shape, y.dtype, y, cl), ((y.shape[1],), f32, s, plain),
-                                 ((y.shape[1],), f32, s, plain))),
+                                 ((y.shape[1],), f32, s, plain)),
+                             keep_bits=lambda seeds, layer, p, n, c, h, w: torch.zeros(
+                                 (n, h, w, (c + 31) // 32), dtype=torch.int32, device=seeds.device)),
                  kernels: dict(_forward=lambda x, weight, dilation: zeros(
                      ((x.shape[0], weight.shape[0], *x.shape[2:]), x.dtype, x, kernels.output_format(x)))[0],
                      _backward=lambda dy, x, weight, dilation: zeros(

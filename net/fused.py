@@ -92,7 +92,7 @@ def _keep_bits(seeds, layer, bits, HW, C, WORDS, DROP_BELOW, BLOCK: tl.constexpr
     the layer's seed, the layer and the image. On a GPU each thread makes whole words, a bit at a time (no
     reduction across threads); in the interpreter (WIDE), whose cost is per operation, all 32 bits at once."""
     n = tl.program_id(0)
-    s = _mix(n, _mix(layer, tl.load(seeds + layer).to(tl.uint32)))
+    s = _mix(n, _mix(tl.load(seeds + layer), layer))  # layer may be a constant (1): a key, never .to()
     i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # word i of the image: position i // WORDS
     c = (i % WORDS) * 32
     key = (i // WORDS) * C + c
@@ -154,22 +154,25 @@ def _to_outputs(x, M: tl.constexpr):
 
 
 @triton.jit
-def _tap_offsets(h, w_, p_ok, H, W, DIL, KH: tl.constexpr, KW: tl.constexpr):
-    """(q, inside): the position tap (KH, KW) reads for positions (h, w), and whether it lies on the map."""
+def _tap_offsets(p, h, w_, p_ok, H, W, DIL, KH: tl.constexpr, KW: tl.constexpr):
+    """(q, inside): the position tap (KH, KW) reads for positions p (row h, column w_ of their image), and whether
+    it lies on the image."""
     hh, ww = h + (KH - 1) * DIL, w_ + (KW - 1) * DIL
     inside = p_ok & (hh.to(tl.uint32) < H) & (ww.to(tl.uint32) < W)  # one unsigned compare per bound pair
-    return hh * W + ww, inside
+    return p + ((KH - 1) * W + (KW - 1)) * DIL, inside
 
 
 @triton.jit
-def _dw_forward(yp, sp, tp, keep, w, y, stats, H, W, C_in, DIL, PER_TILE,
+def _dw_forward(yp, sp, tp, keep, w, y, stats, POSITIONS, H, W, C_in, DIL, PER_TILE,
                 M: tl.constexpr, DROPOUT: tl.constexpr, EVEN_C: tl.constexpr, BLOCK_P: tl.constexpr,
                 BLOCK_C: tl.constexpr):
     """Depthwise (M = 1) or grouped (M = 2) dilated 3x3 conv of a_{i-1}. One program: the PER_TILE positions of
-    tile pid 1 of image pid 0, BLOCK_P at a time, x BLOCK_C input channels and their M * BLOCK_C outputs (grid:
-    N, tiles, channel blocks). w: (9, C_out) fp32, tap-major. Its statistics' partials in row n * tiles + tile."""
+    tile pid 1 of images block pid 0 (POSITIONS positions: one image on a GPU, the whole batch in the interpreter,
+    whose cost is per program), BLOCK_P at a time, x BLOCK_C input channels and their M * BLOCK_C outputs (grid:
+    image blocks, tiles, channel blocks). w: (9, C_out) fp32, tap-major. Its statistics' partials in row
+    block * tiles + tile."""
     n = tl.program_id(0).to(tl.int64)
-    HW, C_out, WORDS = H * W, C_in * M, (C_in + 31) // 32
+    HW, C_out, WORDS = POSITIONS, C_in * M, (C_in + 31) // 32
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     co = tl.program_id(2) * (M * BLOCK_C) + tl.arange(0, M * BLOCK_C)
     c_ok, co_ok = (c < C_in) | EVEN_C, (co < C_out) | EVEN_C
@@ -184,10 +187,11 @@ def _dw_forward(yp, sp, tp, keep, w, y, stats, H, W, C_in, DIL, PER_TILE,
         h = p // W
         w_ = p - h * W
         p_ok = p < end
+        h = h % H  # the row within its image
         acc = tl.zeros([BLOCK_P, M * BLOCK_C], dtype=tl.float32)
         for kh in tl.static_range(3):
             for kw in tl.static_range(3):
-                q, inside = _tap_offsets(h, w_, p_ok, H, W, DIL, kh, kw)
+                q, inside = _tap_offsets(p, h, w_, p_ok, H, W, DIL, kh, kw)
                 a = _activate(y_in, k_img, q, inside, c, tl.program_id(2) * BLOCK_C, c_ok, s, t, C_in, WORDS,
                               DROPOUT)
                 wt = tl.load(w + (kh * 3 + kw) * C_out + co, mask=co_ok, other=0.0)
@@ -204,28 +208,29 @@ def _dw_forward(yp, sp, tp, keep, w, y, stats, H, W, C_in, DIL, PER_TILE,
 
 
 @triton.jit
-def _dw_tap(g, da, y_in, k_img, dy_out, y_out, h, w_, p_ok, c, c0, c_ok, co, co_ok, s, t, d1, d2, w, H, W, C_in,
+def _dw_tap(g, da, y_in, k_img, dy_out, y_out, p, h, w_, p_ok, c, c0, c_ok, co, co_ok, s, t, d1, d2, w, H, W, C_in,
             DIL, KH: tl.constexpr, KW: tl.constexpr, M: tl.constexpr, DROPOUT: tl.constexpr):
     """Tap (KH, KW) of the 3x3 backward: (dW's product at each position, da plus this tap's share)."""
     C_out = C_in * M
-    q, inside = _tap_offsets(h, w_, p_ok, H, W, DIL, KH, KW)  # dW: g here against a_{i-1} at the tap
+    q, inside = _tap_offsets(p, h, w_, p_ok, H, W, DIL, KH, KW)  # dW: g here against a_{i-1} at the tap
     a = _activate(y_in, k_img, q, inside, c, c0, c_ok, s, t, C_in, (C_in + 31) // 32, DROPOUT)
-    q, inside = _tap_offsets(h, w_, p_ok, H, W, DIL, 2 - KH, 2 - KW)  # dA: g at the tap the other way
+    q, inside = _tap_offsets(p, h, w_, p_ok, H, W, DIL, 2 - KH, 2 - KW)  # dA: g at the tap the other way
     wt = tl.load(w + (KH * 3 + KW) * C_out + co, mask=co_ok, other=0.0)
     return g * _to_outputs(a, M), da + _bn_grad(dy_out, y_out, q, inside, co, co_ok, d1, d2, C_out) * wt[None, :]
 
 
 @triton.jit
-def _dw_backward(yp, sp, tp, keep, w, y, dy, dsum, dsumsq, dyp, partials, H, W, C_in, DIL, PER_TILE,
+def _dw_backward(yp, sp, tp, keep, w, y, dy, dsum, dsumsq, dyp, partials, POSITIONS, H, W, C_in, DIL, PER_TILE,
                  M: tl.constexpr, DROPOUT: tl.constexpr, EVEN_C: tl.constexpr, BLOCK_P: tl.constexpr,
                  BLOCK_C: tl.constexpr):
-    """One program: the PER_TILE positions of tile pid 1 of image pid 0, BLOCK_P at a time, x BLOCK_C input channels
-    and their M * BLOCK_C outputs (grid: N, tiles, channel blocks). Reads dy and y (for g), y_{i-1} (for a_{i-1} and
-    its mask) and w; writes dy_{i-1} and, in its row of `partials`, dW's 9 taps x C_out, then ds, dt of the inputs.
+    """One program: the PER_TILE positions of tile pid 1 of image block pid 0 (as `_dw_forward`), BLOCK_P at a time,
+    x BLOCK_C input channels and their M * BLOCK_C outputs (grid: image blocks, tiles, channel blocks). Reads dy
+    and y (for g), y_{i-1} (for a_{i-1} and its mask) and w; writes dy_{i-1} and, in its row of `partials`, dW's 9
+    taps x C_out, then ds, dt of the inputs.
     dW's taps are summed over the positions a thread meets in registers, across threads once at the end."""
     n = tl.program_id(0).to(tl.int64)
     row = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-    HW, C_out, WORDS = H * W, C_in * M, (C_in + 31) // 32
+    HW, C_out, WORDS = POSITIONS, C_in * M, (C_in + 31) // 32
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     co = tl.program_id(2) * (M * BLOCK_C) + tl.arange(0, M * BLOCK_C)
     c_ok, co_ok = (c < C_in) | EVEN_C, (co < C_out) | EVEN_C
@@ -244,9 +249,10 @@ def _dw_backward(yp, sp, tp, keep, w, y, dy, dsum, dsumsq, dyp, partials, H, W, 
         h = p // W
         w_ = p - h * W
         p_ok = p < end
+        h = h % H  # the row within its image
         g = _bn_grad(dy_out, y_out, p, p_ok, co, co_ok, d1, d2, C_out)
         da = zero
-        args = (y_in, k_img, dy_out, y_out, h, w_, p_ok, c, c0, c_ok, co, co_ok, s, t, d1, d2, w, H, W, C_in, DIL)
+        args = (y_in, k_img, dy_out, y_out, p, h, w_, p_ok, c, c0, c_ok, co, co_ok, s, t, d1, d2, w, H, W, C_in, DIL)
         prod, da = _dw_tap(g, da, *args, 0, 0, M, DROPOUT)
         dw0 += prod
         prod, da = _dw_tap(g, da, *args, 0, 1, M, DROPOUT)
@@ -439,25 +445,23 @@ def _pool_backward(dpooled, y, sp, tp, keep, dy, partials, HW, C, DROPOUT: tl.co
 # (tests/test_kernels.py); in brackets, `python -m bench.roofline`'s count per training image at batch 512, bf16,
 # dropout 0.05, summed over the layers, millions of warp-instructions, Triton 3.9.0 (the tile each layer runs in
 # the count is its fastest by the roofline's bound).
-TUNING = {"dw_forward": [dict(BLOCK_P=32, BLOCK_C=32, num_warps=4),
-                         dict(BLOCK_P=16, BLOCK_C=32, num_warps=4),
+TUNING = {"dw_forward": [dict(BLOCK_P=16, BLOCK_C=32, num_warps=4),
                          dict(BLOCK_P=32, BLOCK_C=32, num_warps=8),
-                         dict(BLOCK_P=32, BLOCK_C=16, num_warps=4)],
-          "dw_backward": [dict(BLOCK_P=16, BLOCK_C=16, num_warps=4),
-                          dict(BLOCK_P=16, BLOCK_C=8, num_warps=4),
-                          dict(BLOCK_P=32, BLOCK_C=8, num_warps=4),
-                          dict(BLOCK_P=32, BLOCK_C=16, num_warps=8)],
+                         dict(BLOCK_P=32, BLOCK_C=16, num_warps=4),
+                         dict(BLOCK_P=32, BLOCK_C=32, num_warps=4)],
+          "dw_backward": [dict(BLOCK_P=16, BLOCK_C=8, num_warps=4),
+                          dict(BLOCK_P=16, BLOCK_C=16, num_warps=4),
+                          dict(BLOCK_P=32, BLOCK_C=8, num_warps=4)],
           "pw_forward": [dict(BLOCK_N=64, BLOCK_K=32, num_warps=4),
-                         dict(BLOCK_N=128, BLOCK_K=32, num_warps=4),
                          dict(BLOCK_N=128, BLOCK_K=32, num_warps=8),
-                         dict(BLOCK_N=256, BLOCK_K=32, num_warps=8)],
+                         dict(BLOCK_N=64, BLOCK_K=32, num_warps=8)],
           "pw_dgrad": [dict(BLOCK_N=32, BLOCK_K=32, num_warps=4),
                        dict(BLOCK_N=32, BLOCK_K=64, num_warps=4),
                        dict(BLOCK_N=16, BLOCK_K=64, num_warps=4),
                        dict(BLOCK_N=32, BLOCK_K=128, num_warps=8)],
-          "pw_wgrad": [dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=4),
+          "pw_wgrad": [dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=32, num_warps=8),
+                       dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=4),
                        dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, num_warps=4),
-                       dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=32, num_warps=8),
                        dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=4)],
           "pool_forward": [dict(BLOCK_P=64, BLOCK_C=32, num_warps=4),
                            dict(BLOCK_P=32, BLOCK_C=32, num_warps=4),
@@ -471,24 +475,30 @@ TUNING = {"dw_forward": [dict(BLOCK_P=32, BLOCK_C=32, num_warps=4),
 KERNELS = {"dw_forward": _dw_forward, "dw_backward": _dw_backward, "pw_forward": _pw_forward,
            "pw_dgrad": _pw_dgrad, "pw_wgrad": _pw_wgrad, "pool_forward": _pool_forward,
            "pool_backward": _pool_backward, "keep_bits": _keep_bits}
-AUTOTUNE_KEY = {"dw_forward": ["H", "W", "C_in", "DIL", "PER_TILE"], "dw_backward": ["H", "W", "C_in", "DIL", "PER_TILE"],
-                "pw_forward": ["P", "C_in", "C_out"], "pw_dgrad": ["P", "C_in", "C_out"],
-                "pw_wgrad": ["P", "C_in", "C_out", "PER_SPLIT"], "pool_forward": ["HW", "C"], "pool_backward": ["HW", "C"],
-                "keep_bits": ["HW", "C"]}
+# What autotune keys its pick on, besides the tensors' dtypes (which it adds itself): the shapes, and the constexprs
+# that change the code (M, DROPOUT).
+AUTOTUNE_KEY = {"dw_forward": ["POSITIONS", "W", "C_in", "DIL", "PER_TILE", "M", "DROPOUT"],
+                "dw_backward": ["POSITIONS", "W", "C_in", "DIL", "PER_TILE", "M", "DROPOUT"],
+                "pw_forward": ["P", "C_in", "C_out", "DROPOUT"], "pw_dgrad": ["P", "C_in", "C_out", "DROPOUT"],
+                "pw_wgrad": ["P", "C_in", "C_out", "PER_SPLIT", "DROPOUT"], "pool_forward": ["HW", "C", "DROPOUT"],
+                "pool_backward": ["HW", "C", "DROPOUT"], "keep_bits": ["HW", "C"]}
 PW_BLOCK_P = {"cuda": 64, "interpreter": 1024}  # the 1x1 kernels' positions a program, fixed: their partials' rows
 # The 1x1 weight gradient's grid aims at about this many programs (the 3x3 kernels': net/kernels.py's), as there.
 BACKWARD_PROGRAMS = {"cuda": 2048, "interpreter": 1}
 
 # Each kernel's runtime loop, its trips summed over a launch's programs (as net/kernels.py's LOOP_TRIPS).
-LOOP_TRIPS = {"_dw_forward": lambda a, grid: tile_trips(a["H"] * a["W"], a["PER_TILE"], a["BLOCK_P"]) * grid[0] * grid[2],
-              "_dw_backward": lambda a, grid: tile_trips(a["H"] * a["W"], a["PER_TILE"], a["BLOCK_P"]) * grid[0] * grid[2],
+LOOP_TRIPS = {"_dw_forward": lambda a, grid: tile_trips(a["POSITIONS"], a["PER_TILE"], a["BLOCK_P"]) * grid[0]
+              * grid[2],
+              "_dw_backward": lambda a, grid: tile_trips(a["POSITIONS"], a["PER_TILE"], a["BLOCK_P"]) * grid[0]
+              * grid[2],
               "_pw_forward": lambda a, grid: cdiv(a["C_in"], a["BLOCK_K"]) * grid[0] * grid[1],
               "_pw_dgrad": lambda a, grid: cdiv(a["C_out"], a["BLOCK_K"]) * grid[0] * grid[1],
               "_pw_wgrad": lambda a, grid: tile_trips(a["P"], a["PER_SPLIT"], a["BLOCK_K"]) * grid[0] * grid[1],
               "_pool_forward": lambda a, grid: cdiv(a["HW"], a["BLOCK_P"]) * grid[0] * grid[1],
               "_pool_backward": lambda a, grid: cdiv(a["HW"], a["BLOCK_P"]) * grid[0] * grid[1]}
 # The FLOPs each kernel runs on tensor cores (its tl.dot matmuls), for bench/roofline.py.
-TENSOR_FLOPS = {name: lambda a: 2 * a["P"] * a["C_in"] * a["C_out"] for name in ("_pw_forward", "_pw_dgrad", "_pw_wgrad")}
+TENSOR_FLOPS = {name: lambda a: 2 * a["P"] * a["C_in"] * a["C_out"]
+                for name in ("_pw_forward", "_pw_dgrad", "_pw_wgrad")}
 
 _autotuners = {}  # kind -> its kernel under triton.autotune, made at the first launch on CUDA
 _narrow_bits = False  # the interpreter makes keep bits as the GPU does, a bit at a time (a test sets it)
@@ -566,30 +576,38 @@ def keep_bits(seeds, layer, p, n, c, h, w):
     return bits
 
 
+def image_blocks(n, h, w, c_out):
+    """(image blocks, positions a block, tiles a block, positions a tile) of the 3x3 kernels' grid: on CUDA an image a
+    block, tiles as net/kernels.py's backward plans them; in the interpreter the whole batch in one tile."""
+    if interpreting():
+        return 1, n * h * w, 1, n * h * w
+    return n, h * w, *backward_tiles(n, c_out, h * w)
+
+
 def dw_forward(y_prev, s, t, keep, weight, dilation):
     n, c_in, h, w = y_prev.shape
     c_out = weight.shape[1]
-    m = c_out // c_in
     y = _empty((n, c_out, h, w), y_prev)
-    tiles, per_tile = backward_tiles(n, c_out, h * w)
-    stats = torch.empty((n * tiles * 2, c_out), dtype=torch.float32, device=y.device)
+    blocks, positions, tiles, per_tile = image_blocks(n, h, w, c_out)
+    stats = torch.empty((blocks * tiles * 2, c_out), dtype=torch.float32, device=y.device)
     s, t = _vectors(s, t)
-    _launch("dw_forward", lambda b: (n, tiles, cdiv(c_in, b["BLOCK_C"])),
-            (nhwc(y_prev), s, t, keep, weight.contiguous(), y, stats, h, w, c_in, dilation, per_tile),
-            dict(M=m, DROPOUT=keep.numel() > 0, EVEN_C=c_in % 32 == 0), dict(BLOCK_P=per_tile, BLOCK_C=c_in))
+    _launch("dw_forward", lambda b: (blocks, tiles, cdiv(c_in, b["BLOCK_C"])),
+            (nhwc(y_prev), s, t, keep, weight.contiguous(), y, stats, positions, h, w, c_in, dilation, per_tile),
+            dict(M=c_out // c_in, DROPOUT=keep.numel() > 0, EVEN_C=c_in % 32 == 0),
+            dict(BLOCK_P=per_tile, BLOCK_C=c_in))
     return (y, *_stats(stats))
 
 
 def dw_backward(dy, dsum, dsumsq, y, y_prev, s, t, keep, weight, dilation):
     n, c_in, h, w = y_prev.shape
     c_out = weight.shape[1]
-    tiles, per_tile = backward_tiles(n, c_out, h * w)
+    blocks, positions, tiles, per_tile = image_blocks(n, h, w, c_out)
     dy_prev = _empty(y_prev.shape, y_prev)
-    partials = torch.empty((n * tiles, 9 * c_out + 2 * c_in), dtype=torch.float32, device=y.device)
+    partials = torch.empty((blocks * tiles, 9 * c_out + 2 * c_in), dtype=torch.float32, device=y.device)
     dsum, dsumsq, s, t = _vectors(dsum, dsumsq, s, t)
-    _launch("dw_backward", lambda b: (n, tiles, cdiv(c_in, b["BLOCK_C"])),
-            (nhwc(y_prev), s, t, keep, weight.contiguous(), nhwc(y), nhwc(dy), dsum, dsumsq, dy_prev, partials, h, w,
-             c_in, dilation, per_tile),
+    _launch("dw_backward", lambda b: (blocks, tiles, cdiv(c_in, b["BLOCK_C"])),
+            (nhwc(y_prev), s, t, keep, weight.contiguous(), nhwc(y), nhwc(dy), dsum, dsumsq, dy_prev, partials,
+             positions, h, w, c_in, dilation, per_tile),
             dict(M=c_out // c_in, DROPOUT=keep.numel() > 0, EVEN_C=c_in % 32 == 0),
             dict(BLOCK_P=per_tile, BLOCK_C=c_in))
     dw = partials[:, :9 * c_out].sum(0).view(weight.shape)

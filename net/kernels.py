@@ -185,14 +185,14 @@ HELPERS = {"_to_outputs": _to_outputs, "_dwconv_tap": _dwconv_tap}  # Triton fun
 # meets, the pinned one and 3.6.0 (the lent GPU's torch 2.11 brings it), in every variant a step launches (M 1 and
 # 2, bf16 and fp32, both layouts): tests/test_kernels.py builds each. `python -m bench.roofline` counts their
 # instructions; bench/results/*-roofline-*.md has each tile's registers and count per layer.
-TUNING = {"forward": [dict(BLOCK_P=32, BLOCK_C=32, num_warps=4),
+TUNING = {"forward": [dict(BLOCK_P=32, BLOCK_C=32, num_warps=8),
+                      dict(BLOCK_P=32, BLOCK_C=32, num_warps=4),
                       dict(BLOCK_P=64, BLOCK_C=32, num_warps=8),
-                      dict(BLOCK_P=32, BLOCK_C=32, num_warps=8),
                       dict(BLOCK_P=16, BLOCK_C=64, num_warps=8)],
-          "backward": [dict(BLOCK_P=32, BLOCK_C=32, num_warps=8),
+          "backward": [dict(BLOCK_P=16, BLOCK_C=16, num_warps=4),
+                       dict(BLOCK_P=32, BLOCK_C=32, num_warps=8),
                        dict(BLOCK_P=16, BLOCK_C=64, num_warps=8),
-                       dict(BLOCK_P=16, BLOCK_C=32, num_warps=8),
-                       dict(BLOCK_P=32, BLOCK_C=16, num_warps=4)]}
+                       dict(BLOCK_P=16, BLOCK_C=16, num_warps=8)]}
 # sxn: C_in * H * W, syn: C_out * H * W (so M); sxc: 1 in NHWC, H * W in NCHW
 AUTOTUNE_KEY = ["N", "C_in", "H", "W", "DIL", "sxn", "sxc", "syn"]
 # Under Triton's interpreter one pinned configuration runs (autotune has broken there before, and times nothing

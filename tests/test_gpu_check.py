@@ -24,7 +24,8 @@ def test_cuda_tests_cut_short_are_a_timeout_with_their_log_kept(tmp_path):
 def test_an_unknown_section_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         gpu_check.main(["--sections", "kernels,warp-drive"])
-    assert e.value.code == 2 and "--sections takes some of fused-tests, kernels, fused, convs" in capsys.readouterr().err
+    assert e.value.code == 2
+    assert "--sections takes some of fused-tests, kernels, fused, convs" in capsys.readouterr().err
 
 
 @pytest.mark.cuda

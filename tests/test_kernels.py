@@ -6,7 +6,6 @@ import copy
 import inspect
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -199,62 +198,6 @@ def test_on_cuda_every_depthwise_conv_of_the_model_matches_conv2d():
                 assert_matches_conv2d(c, m, dilation, layout, dtype, n=8, h=32, w=32, device="cuda")
 
 
-def ptxas_report(fn, args, constexprs, num_warps):
-    """What ptxas says of `fn` (a kernel of net/kernels.py, or any @triton.jit function) built for an H100 (sm_90a)
-    with `args` (name -> value; a string is a pointer's dtype or a float's), each int specialised as Triton's
-    launcher would (1: a constant; a multiple of 16: divisible)."""
-    import inspect
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
-    from triton.compiler import ASTSource
-
-    jit = fn if isinstance(fn, triton.runtime.jit.JITFunction) else kernels._compiled(fn, interpreted=False)
-    signature, constants, attrs = {}, dict(constexprs), {}
-    for i, name in enumerate(inspect.signature(jit.fn).parameters):
-        value = args.get(name)
-        if name in constexprs or value == 1:
-            signature[name], constants[name] = "constexpr", constexprs.get(name, value)
-        else:  # a string: a pointer ("*bf16") or a float ("fp32"); an int: i32
-            signature[name] = value if isinstance(value, str) else "i32"
-            if isinstance(value, str) and value.startswith("*") or isinstance(value, int) and value % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    build = triton.compile(ASTSource(jit, signature, constexprs=constants, attrs=attrs),
-                           target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    r = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", "-", "-o", "/dev/null"], input=build.asm["ptx"],
-                       capture_output=True, text=True)
-    return r.stderr if r.returncode == 0 else f"ptxas failed: {r.stderr}"
-
-
-def gpu_build_reports():
-    """ptxas's report on every tile of TUNING, both kernels, at the model's widest shapes, bf16 channels_last,
-    C -> 2C (the larger case): {kind: {tile: report}}. Run without TRITON_INTERPRET: Triton builds nothing in a
-    process that has it."""
-    c, h, w = 128, 32, 32
-    nhwc = dict(sxn=h * w * c, sxc=1, sxh=w * c, sxw=c)
-    grouped = dict(syn=h * w * 2 * c, syc=1, syh=w * 2 * c, syw=2 * c)
-    shape = dict(N=512, C_out=2 * c, H=h, W=w, DIL=4)
-    forward = dict(x="*bf16", w="*bf16", y="*bf16", **shape, **nhwc, **grouped)
-    backward = dict(x="*bf16", w="*bf16", dy="*bf16", dx="*bf16", dw_partial="*fp32", **shape, PER_TILE=1024,
-                    **nhwc, **grouped, **{k.replace("sx", "sd"): v for k, v in nhwc.items()})
-    reports = {}
-    for kind, args in (("forward", forward), ("backward", backward)):
-        reports[kind] = {}
-        for tile in kernels.TUNING[kind]:
-            blocks = {k: v for k, v in tile.items() if k != "num_warps"}
-            name = "{BLOCK_P}x{BLOCK_C}, {num_warps} warps".format(**tile)
-            reports[kind][name] = ptxas_report(kernels.KERNELS[kind], args, {"M": 2, **blocks}, tile["num_warps"])
-    return reports
-
-
-def all_build_reports():
-    """`gpu_build_reports` and tests/test_fused.py's `fused_build_reports`, in one process."""
-    from tests.test_fused import fused_build_reports
-
-    return {**gpu_build_reports(), **fused_build_reports()}
-
-
 SIDE_TRITON = "3.6.0"  # the Triton that the lent GPU's torch 2.11 brings
 
 
@@ -274,42 +217,56 @@ def side_triton(version):
     return target
 
 
-def build_under(triton_version, reports):
-    """`reports` ("module:function" returning {kernel: {tile: ptxas report}}) run in a process that builds for the
-    GPU (no TRITON_INTERPRET), under this environment's Triton ("pinned") or `triton_version` from a side folder:
-    (Triton's version, the reports, {kernel: {tile: registers per thread}})."""
+def build_under(triton_version, scope):
+    """bench.roofline's `build_report(scope)` in a process that builds for the GPU (no TRITON_INTERPRET), under this
+    environment's Triton ("pinned") or `triton_version` from a side folder: (Triton's version, the rows)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
     if triton_version != "pinned":  # 3.9's default, and 3.6's
         env["PYTHONPATH"] = os.pathsep.join([str(side_triton(triton_version)), str(ROOT)])
-    module, function = reports.split(":")
-    r = subprocess.run([sys.executable, "-c", f"import json, triton; from {module} import {function}; "
-                        f"print(triton.__version__); print(json.dumps({function}()))"],
+    r = subprocess.run([sys.executable, "-c", "import json, triton; from bench.roofline import build_report; "
+                        f"print(triton.__version__); print(json.dumps(build_report({scope!r})))"],
                        capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
-    version, reports = r.stdout.splitlines()[-2], json.loads(r.stdout.splitlines()[-1])
+    version, rows = r.stdout.splitlines()[-2], json.loads(r.stdout.splitlines()[-1])
     assert triton_version in ("pinned", version), f"Triton {version} ran, not {triton_version}"
-    registers = {kind: {tile: m and int(m[1]) for tile, m in
-                        ((tile, re.search(r"Used (\d+) registers", report)) for tile, report in tiles.items())}
-                 for kind, tiles in reports.items()}
-    print(f"Triton {version}, registers per thread at the widest shapes:", registers)
-    for kind, tiles in reports.items():
-        for tile, report in tiles.items():
-            assert registers[kind][tile] and "0 bytes spill stores" in report and "0 bytes spill loads" in report, \
-                (version, kind, tile, report)
-    return version, reports, registers
+    print(f"Triton {version}: " + "; ".join(f"{r['kernel']} {r['tile']} ({r['variant']}) {r['registers']}"
+                                           for r in rows))
+    spilling = [r for r in rows if r["stack"] or r["spills"]]
+    assert not spilling, (version, spilling)
+    return version, rows
 
 
 @pytest.mark.long
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels are built and run for real")
 @pytest.mark.parametrize("triton_version", ["pinned", SIDE_TRITON])
-def test_every_tile_builds_for_an_h100_without_register_spills(triton_version):
+def test_the_training_kernels_build_for_an_h100_without_register_spills(triton_version):
     """The built path, which the interpreter does not take (globals, constexprs, layouts, registers), under the
-    Triton this environment has and the one the lent GPU has: every tile that autotune may pick on CUDA, and every
-    kernel of the fused path (tests/test_fused.py's `fused_build_reports`), in one process per Triton."""
-    version, reports, registers = build_under(triton_version, "tests.test_kernels:all_build_reports")
+    Triton this environment has and the one the lent GPU has: every kernel a training step launches (the fused
+    path and the unfused Triton convs, bf16, the recipe's dropout, channels_last, M 1 and 2) at its first tile, the
+    one the start-up check pins, in one process per Triton. Every tile of every variant: the slow test below."""
+    version, rows = build_under(triton_version, "training")
+    kinds = {r["kernel"] for r in rows}
+    assert kinds == {"dw_forward, M 1", "dw_forward, M 2", "dw_backward, M 1", "dw_backward, M 2", "pw_forward",
+                     "pw_dgrad", "pw_wgrad", "pool_forward", "pool_backward", "keep_bits", "dwconv_forward_kernel, M 1",
+                     "dwconv_forward_kernel, M 2", "dwconv_backward_kernel, M 1", "dwconv_backward_kernel, M 2"}
+    assert all(r["registers"] <= 128 for r in rows if not r["kernel"].startswith("keep")), \
+        [r for r in rows if r["registers"] > 128]  # the pinned tiles: occupancy to spare
+
+
+@pytest.mark.slow  # about 180 builds a Triton: three minutes each
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels are built and run for real")
+@pytest.mark.parametrize("triton_version", ["pinned", SIDE_TRITON])
+def test_every_tile_of_every_variant_builds_without_register_spills(triton_version):
+    """Every tile autotune may pick (TUNING, both modules), in every variant a step can launch: M 1 and 2, bf16 and
+    fp32 (the start-up check, gpu-check), dropout on and off, both layouts of the unfused convs; none spills, and each
+    kernel has a tile at 128 registers or fewer in every bf16 variant."""
+    version, rows = build_under(triton_version, "all")
+    for kernel in {r["kernel"] for r in rows}:
+        bf16 = [r for r in rows if r["kernel"] == kernel and "bfloat16" in r["variant"]]
+        worst = {}
+        for r in bf16:
+            worst[r["tile"]] = max(worst.get(r["tile"], 0), r["registers"])
+        assert min(worst.values()) <= 128, (version, kernel, worst)
     for kind in kernels.TUNING:
-        assert reports[kind].keys() == {"{BLOCK_P}x{BLOCK_C}, {num_warps} warps".format(**t)
-                                        for t in kernels.TUNING[kind]}
-        assert min(registers[kind].values()) <= 128, (version, kind, "none at 128 registers")
-    assert {"dw_forward", "dw_backward", "pw_forward", "pw_dgrad", "pw_wgrad", "pool_forward", "pool_backward"} \
-        <= reports.keys()  # net/fused.py's kernels, at their CUDA tiles
+        assert {r["tile"] for r in rows if r["kernel"].startswith(f"dwconv_{kind}")} == \
+            {"{BLOCK_P}x{BLOCK_C}, {num_warps} warps".format(**t) for t in kernels.TUNING[kind]}
