@@ -13,7 +13,8 @@
 4. the limit: FLOPs and minimum bytes per training image against the device's measured
    matmul rate and copy bandwidth; beside it, the bytes per image the compiled training step
    really moves in each conv variant, counted by Inductor after fusion (bench/traffic.py: an
-   estimate, not a timing);
+   estimate, not a timing), and the instructions its Triton kernels issue, counted from their sm_90a
+   machine code, with the step rate they predict on an H100 and an H200 (bench/roofline.py);
 5. accuracy beside speed, from a training run's summary.json.
 
 Device set-up is train.py's (`setup_env`: cuDNN autotune, TF32, bf16 autocast). Every figure:
@@ -49,6 +50,7 @@ from .pipelines import (
     bench_torch_augment,
 )
 from .report import accuracy, figure, table, write_tensorboard
+from .roofline import roofline_line, roofline_rows
 from .traffic import BATCH, QUICK_BATCH, traffic_line, traffic_rows
 
 
@@ -104,7 +106,7 @@ def run(args):
     facts["threads"] = {"torch": env.threads, "dali_end_to_end": env.dali_threads, "why": env.threads_why}
     results = {**facts, "date": datetime.date.today().isoformat(), "quick": args.quick, "data": what,
                "recipe": cfg.recipe, "complete": False, "pipeline": {}, "costs": {}, "model": {}, "compile": {},
-               "convs": {}, "traffic": {}, "skipped": {}}
+               "convs": {}, "traffic": {}, "roofline": {}, "skipped": {}}
     out = Path(args.out)
     stem = out / f"{results['date']}-{args.device}{'-quick' if args.quick else ''}"
 
@@ -155,6 +157,15 @@ def run(args):
             save()
     except RuntimeError as e:  # a count that fails is a finding to report, not a reason to lose the timings
         results["skipped"]["traffic"] = str(e)
+    print("roofline (the Triton kernels' instructions from sm_90a machine code: an estimate, not a timing) ...",
+          flush=True)
+    try:
+        results["roofline"] = roofline_rows(results["traffic"])
+        for key, summary in results["roofline"].items():
+            print(f"  {roofline_line(key, summary)}", flush=True)
+        save()
+    except (RuntimeError, ImportError) as e:  # no Triton, or a build that fails: reported, the rest kept
+        results["skipped"]["roofline"] = str(e)
     print("end to end ...", flush=True)
     trainer_key = list(model_variants(cfg.device))[-1]  # the variant train.py runs, compile check and all
     e2e = bench_end_to_end(cfg, *models[trainer_key], images[:e2e_images], labels[:e2e_images], timing)

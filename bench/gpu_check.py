@@ -182,7 +182,7 @@ def fused(batch=512):
     off: the verdict) and at the run's bf16 (for the record), at batch 64 on 32x32; then whole training steps fused
     against unfused, compiled bf16 channels_last as the trainer runs them, at the trainer's batch."""
     import net.fused  # noqa: F401  (the fused ops, before anything compiles)
-    from engine.convs import check_fused, time_steps
+    from engine.convs import TOLERANCE, check_fused, time_steps
 
     cfg, env = trainer_setup()
     from net import build_model
@@ -205,7 +205,7 @@ def fused(batch=512):
                   f"{ms['fused']:.2f} ms ({batch / ms['fused'] * 1e3:,.0f} img/s), unfused {ms['unfused']:.2f} ms "
                   f"({batch / ms['unfused'] * 1e3:,.0f} img/s): {ms['unfused'] / ms['fused']:.2f}x"]
     return [f"- {'PASS' if ok else 'FAIL'}: each tensor's error against float64 within twice the unfused path's "
-            f"(+1e-4), in fp32", ""] + lines, {"ok": ok, **data}
+            f"(+{TOLERANCE:g}: ReLU flips), in fp32", ""] + lines, {"ok": ok, **data}
 
 
 def conv_breakdown():

@@ -8,6 +8,7 @@ import sys
 from engine.results import finished_runs, format_groups, group_runs
 from engine.run import ROOT
 
+from .roofline import roofline_line
 from .traffic import traffic_line
 
 
@@ -90,6 +91,10 @@ def table(results):
                      "(an estimate, not a timing; bench/traffic.py):")
         lines += [f"  - {traffic_line(key, row)}; largest kernel {row['top'][0]['bytes_per_image'] / 1e6:.2f} MB: "
                   f"{row['top'][0]['kernel']}" for key, row in results["traffic"].items()]
+    if results.get("roofline"):
+        lines.append("- roofline, the Triton kernels' warp-instructions per image counted from their sm_90a machine "
+                     "code and the step they allow (an estimate, not a timing; bench/roofline.py, docs/bench.md):")
+        lines += [f"  - {roofline_line(key, row)}" for key, row in results["roofline"].items()]
     if "accuracy" in results:
         acc = results["accuracy"]
         if acc:

@@ -33,6 +33,7 @@ import math
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -92,11 +93,12 @@ def specialise(fn, named):
 
 @dataclass
 class Build:
-    """A kernel built for sm_90a: its SASS (instructions and labels, in order) and its resources."""
-    sass: list
+    """A kernel built for sm_90a: its resources, and its SASS (instructions and labels, in order) where it was
+    disassembled (nvdisasm takes half a second a kernel: the build test needs only the resources)."""
     registers: int  # per thread
     stack: int  # bytes of local memory per thread: spills, for these kernels
-    spills: int  # local loads and stores (LDL, STL) in the SASS
+    sass: list = None
+    spills: int = None  # local loads and stores (LDL, STL) in the SASS
 
 
 def _bin(tool):
@@ -105,8 +107,9 @@ def _bin(tool):
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool)
 
 
-def build(fn, named, num_warps):
-    """`fn` (a Triton function) built for sm_90a as `named` specialises it, with `num_warps`."""
+def build(fn, named, num_warps, disassemble=True):
+    """`fn` (a Triton function) built for sm_90a as `named` specialises it, with `num_warps`: registers and stack
+    from cuobjdump, and (`disassemble`) the SASS from nvdisasm."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -117,13 +120,14 @@ def build(fn, named, num_warps):
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
-        sass = subprocess.run([_bin("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
         usage = subprocess.run([_bin("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
                                check=True).stdout
-    lines = parse_sass(sass)
-    return Build(sass=lines, registers=int(re.search(r"REG:(\d+)", usage)[1]),
-                 stack=int(re.search(r"STACK:(\d+)", usage)[1]),
-                 spills=sum(1 for kind, text in lines if kind == "op" and re.search(r"\b(LDL|STL)\b", text)))
+        b = Build(registers=int(re.search(r"REG:(\d+)", usage)[1]), stack=int(re.search(r"STACK:(\d+)", usage)[1]))
+        if disassemble:
+            b.sass = parse_sass(subprocess.run([_bin("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True,
+                                               check=True).stdout)
+            b.spills = sum(1 for kind, text in b.sass if kind == "op" and re.search(r"\b(LDL|STL)\b", text))
+    return b
 
 
 INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(.*?)\s*;?\s*$")
@@ -302,16 +306,16 @@ def build_request(launch, tile):
     return jit.fn.__module__, jit.fn.__name__, key, tile["num_warps"]
 
 
-def build_requested(request):
+def build_requested(request, disassemble=True):
     """`build` of a `build_request`, in whichever process runs it."""
     import importlib
 
     module, name, key, num_warps = request
     kernel = getattr(importlib.import_module(module), name)
-    return build(_jit(kernel), dict(key), num_warps)
+    return build(_jit(kernel), dict(key), num_warps, disassemble)
 
 
-def build_all(requests, workers=None):
+def build_all(requests, workers=None, disassemble=True):
     """{request: Build} for every distinct request, built by `workers` processes (default: one per core): the
     compiler is single-threaded, and the builds are most of this row's time."""
     import concurrent.futures
@@ -320,9 +324,9 @@ def build_all(requests, workers=None):
     todo = list(dict.fromkeys(requests))
     workers = min(workers or os.cpu_count() or 1, len(todo)) or 1
     if workers == 1:
-        return {r: build_requested(r) for r in todo}
+        return {r: build_requested(r, disassemble) for r in todo}
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return dict(zip(todo, pool.map(build_requested, todo)))
+        return dict(zip(todo, pool.map(build_requested, todo, [disassemble] * len(todo))))
 
 
 def kernel_row(layer, direction, launch, tile, batch, b):
@@ -404,7 +408,7 @@ STEP_VARIANTS = ([("fused", dtype, p, True) for dtype in (torch.bfloat16, torch.
                     for layout in (True, False)])
 
 
-def build_report(scope="all"):
+def build_report(scope="all", workers=None):
     """[{kernel, variant, tile, registers, stack, spills}]: every kernel of every STEP_VARIANTS at every TUNING tile
     ("all"), or the training variants' kernels at their first tile ("training": bf16, the recipe's dropout,
     channels_last), built for sm_90a (for the build test, under each Triton: tests/test_kernels.py)."""
@@ -416,14 +420,13 @@ def build_report(scope="all"):
         for layer, direction, launch in step_launches(variant, dtype=dtype, p=p, channels_last=layout):
             for tile in launch.tiles if scope == "all" else launch.tiles[:1]:
                 runs.append((label, launch, tile, build_request(launch, tile)))
-    builds = build_all([r for *_, r in runs])
+    builds = build_all([r for *_, r in runs], workers, disassemble=False)
     out = {}
     for label, launch, tile, request in runs:  # one row per build and variant (layers that build alike, once)
         b = builds[request]
         m = launch.constexprs.get("M")
         out[(label, request)] = {"kernel": launch.name.strip("_") + (f", M {m}" if m else ""), "variant": label,
-                                 "tile": tile_name(tile), "registers": b.registers, "stack": b.stack,
-                                 "spills": b.spills}
+                                 "tile": tile_name(tile), "registers": b.registers, "stack": b.stack}
     return list(out.values())
 
 
@@ -540,6 +543,31 @@ def picture(results, path):
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
+
+
+def roofline_line(key, summary):
+    """One line per variant, for the bench's table."""
+    pred = summary["predicted"]
+    rates = ", ".join(f"{g} {pred[g]['img_per_s']:,.0f}" for g in GPUS) if pred["H100"]["img_per_s"] else "no rate"
+    return (f"{key}: {summary['warp_instructions'] / 1e6:.1f}M warp-instructions per training image in "
+            f"{summary['kernels']} Triton kernels (issue bound {pred['H100']['issue_bound_img_per_s']:,.0f} img/s on "
+            f"an H100); predicted step {rates} img/s (an estimate from sm_90a SASS, not a timing)")
+
+
+def roofline_rows(traffic, batch=BATCH, dropout=DROPOUT):
+    """{variant: summary} of `python -m bench.roofline` run in its own process (Triton builds nothing where
+    TRITON_INTERPRET is set), on the bench's own traffic rows, as the bench records them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "traffic.json"
+        source.write_text(json.dumps({"traffic": traffic}))
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        r = subprocess.run([sys.executable, "-m", "bench.roofline", "--traffic-from", str(source), "--out", tmp,
+                            "--name", "roofline", "--png", "", "--batch-size", str(batch), "--dropout", str(dropout)],
+                           capture_output=True, text=True, env=env, cwd=ROOT)
+        if r.returncode != 0:
+            raise RuntimeError(f"the roofline failed: {r.stderr.strip()[-2000:]}")
+        data = json.loads((Path(tmp) / "roofline.json").read_text())
+    return {key: {**v["summary"], "triton": data["triton"]} for key, v in data["variants"].items()}
 
 
 def git_commit():

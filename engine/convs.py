@@ -184,9 +184,11 @@ class FusedCheck:
 
 
 # The rule, per tensor: the fused path's error at most twice the unfused path's (the compile check's rule) plus this
-# much, for values that float64 and fp32 hold alike. In fp32 the unfused errors are ~1e-6: a wrong kernel (a zero
-# gradient is an error of 1) cannot hide under it, as it could under bf16's 0.4-0.9.
-TOLERANCE = 1e-4
+# much. In fp32 most errors are ~1e-6, but a pre-activation within ~1e-6 of zero flips its ReLU between fp32 and
+# float64, and one flipped element moves every gradient upstream of it: measured on the model (batch 2, 32x32, four
+# initialisations, CPU), either path's worst tensor was then 6e-3 to 2.1e-2 off. A wrong kernel is off by O(1): a
+# zero weight gradient by 1, the dropout kernels ignoring their masks by 1.8. bf16's own errors (0.4-0.9) hid both.
+TOLERANCE = 5e-2
 
 
 @contextlib.contextmanager
@@ -230,9 +232,10 @@ def check_fused(model, env, *, batch=2, size=32, seed=0, precision="fp32"):
     statistic), twice: with dropout 0, and with `model`'s own dropout, where the unfused layers apply the fused
     path's masks (`net.fused.masked_reference`), so that the dropout kernels are checked before they train.
 
-    precision "fp32" (the check `choose_fused` runs): autocast and TF32 off, where the unfused path's own error is
-    ~1e-6, so the rule (`TOLERANCE`) catches a wrong kernel; "run": the run's dtype and autocast (bf16 on CUDA,
-    whose own errors reach 0.4-0.9 on some gradients: for reports only, gpu-check's). Random images at the run's
+    precision "fp32" (the check `choose_fused` runs): autocast and TF32 off, where the paths' errors are ~1e-6 but
+    for ReLU flips (up to ~2e-2), so the rule (`TOLERANCE`) catches a wrong kernel (errors of O(1)); "run": the
+    run's dtype and autocast (bf16 on CUDA, whose own errors reach 0.4-0.9 on some gradients: for reports only,
+    gpu-check's). Random images at the run's
     size (32: every kernel path the launchers plan for it, several backward tiles and 1x1 weight-gradient splits at
     batch 2 on CUDA), channels_last, on the run's device; seeds from a generator of its own, so the run's random
     state is untouched."""

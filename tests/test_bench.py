@@ -51,6 +51,16 @@ def test_quick_cpu_bench_writes_every_figure(tmp_path, monkeypatch, capsys):
                               "top": [{"kernel": "native_batch_norm_backward + relu", "bytes_per_image": 2.36e6}]}
 
     monkeypatch.setattr(bench, "traffic_rows", traffic_rows)
+    # The roofline builds every kernel for sm_90a (two minutes here; tests/test_roofline.py tests it): its summary
+    # as bench.roofline hands it over, counted on the bench's own traffic rows.
+    given = []
+
+    def roofline_rows(traffic):
+        given.append(traffic)
+        return {"fused": {"warp_instructions": 14.0e6, "kernels": 40, "triton": "3.9.0", "predicted": {
+            gpu: {"img_per_s": 63e3, "issue_bound_img_per_s": 66e3} for gpu in ("H100", "H200")}}}
+
+    monkeypatch.setattr(bench, "roofline_rows", roofline_rows)
     code = bench.main(["--quick", "--device", "cpu", "--batch-size", "4", "--data", str(tmp_path / "none"),
                        "--out", str(tmp_path / "results"), "--tensorboard", str(tmp_path / "tb")])
     assert code == 0
@@ -79,6 +89,9 @@ def test_quick_cpu_bench_writes_every_figure(tmp_path, monkeypatch, capsys):
     assert list((tmp_path / "tb").iterdir())  # TensorBoard scalars
     assert "| 0 " not in report.split("\n\n")[0]  # the rates' table: small rates keep their digits
     assert counted == [("cpu", 2)] and res["traffic"]["torch convs"]["kernels"] == 166  # --quick: a smaller batch
+    assert given == [res["traffic"]] and res["roofline"]["fused"]["warp_instructions"] == 14.0e6
+    assert ("  - fused: 14.0M warp-instructions per training image in 40 Triton kernels (issue bound 66,000 img/s on "
+            "an H100); predicted step H100 63,000, H200 63,000 img/s") in report
     assert ("  - torch convs: 166 kernels, 64.9 MB per training image, 5.5x the floor model's 11.8 MB (compiled bf16 "
             "channels_last step at batch 2, counted by Inductor for cpu: an estimate, not a timing); largest kernel "
             "2.36 MB: native_batch_norm_backward + relu") in report

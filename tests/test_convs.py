@@ -163,12 +163,11 @@ def test_the_check_fails_a_fused_path_with_a_wrong_kernel(monkeypatch, fault):
     tensors it zeroes; dropout's kernels are held to the unfused layers applying dropout_mask's masks, so ignoring
     the masks fails the dropout step alone. On 8x8 maps: what the check can see does not depend on the size."""
     torch.manual_seed(1)
-    model = build_model(widths=NARROW, dropout=0.1)
+    model = build_model(widths=NARROW, dropout=0.1 if fault == "dropout" else 0.0)  # dropout 0: one step checked
     broken(monkeypatch, fault)
     check = convs.check_fused(model, CPU, batch=1, size=8)
     if fault == "weight gradient":  # the 16-channel d4 convs of the narrow model: C3's depthwise, C4's first
-        assert set(check.failed) == {f"dropout {p}: features.{b}.weight gradient" for p in ("0", "0.1")
-                                     for b in ("2.1.0", "3.0.0")}
+        assert set(check.failed) == {f"dropout 0: features.{b}.weight gradient" for b in ("2.1.0", "3.0.0")}
     else:
         assert check.failed and all(name.startswith("dropout 0.1: ") for name in check.failed)
 

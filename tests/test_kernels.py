@@ -217,21 +217,21 @@ def side_triton(version):
     return target
 
 
-def build_under(triton_version, scope):
+def build_under(triton_version, scope, workers=1):
     """bench.roofline's `build_report(scope)` in a process that builds for the GPU (no TRITON_INTERPRET), under this
     environment's Triton ("pinned") or `triton_version` from a side folder: (Triton's version, the rows)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
     if triton_version != "pinned":  # 3.9's default, and 3.6's
         env["PYTHONPATH"] = os.pathsep.join([str(side_triton(triton_version)), str(ROOT)])
     r = subprocess.run([sys.executable, "-c", "import json, triton; from bench.roofline import build_report; "
-                        f"print(triton.__version__); print(json.dumps(build_report({scope!r})))"],
+                        f"print(triton.__version__); print(json.dumps(build_report({scope!r}, {workers!r})))"],
                        capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     version, rows = r.stdout.splitlines()[-2], json.loads(r.stdout.splitlines()[-1])
     assert triton_version in ("pinned", version), f"Triton {version} ran, not {triton_version}"
     print(f"Triton {version}: " + "; ".join(f"{r['kernel']} {r['tile']} ({r['variant']}) {r['registers']}"
                                            for r in rows))
-    spilling = [r for r in rows if r["stack"] or r["spills"]]
+    spilling = [r for r in rows if r["stack"]]  # local memory: these kernels have no local arrays, so spills
     assert not spilling, (version, spilling)
     return version, rows
 
@@ -260,7 +260,7 @@ def test_every_tile_of_every_variant_builds_without_register_spills(triton_versi
     """Every tile autotune may pick (TUNING, both modules), in every variant a step can launch: M 1 and 2, bf16 and
     fp32 (the start-up check, gpu-check), dropout on and off, both layouts of the unfused convs; none spills, and each
     kernel has a tile at 128 registers or fewer in every bf16 variant."""
-    version, rows = build_under(triton_version, "all")
+    version, rows = build_under(triton_version, "all", workers=None)  # a process per core: CI runs it apart
     for kernel in {r["kernel"] for r in rows}:
         bf16 = [r for r in rows if r["kernel"] == kernel and "bfloat16" in r["variant"]]
         worst = {}
