@@ -63,15 +63,19 @@ POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp3
            torch.int32: "*i32", torch.int8: "*i8", torch.uint8: "*u8"}
 
 
-def specialise(fn, named):
+def specialise(fn, named, plain=()):
     """(signature, constants, attrs) for triton.compile, as a launch with these arguments ({parameter: value}, a
     value may be a tensor, an int, a float, or a string naming a type: "*bf16", "fp32") would specialise `fn`:
     constexprs as given; an int 1 a constant; an int that is a multiple of 16, and every pointer (torch's
-    allocations are 16-byte aligned), known divisible by 16."""
+    allocations are 16-byte aligned), known divisible by 16; the parameters named in `plain` (the kernel's
+    do_not_specialize) neither."""
     signature, constants, attrs = {}, {}, {}
     params = inspect.signature(fn).parameters
     for i, (name, param) in enumerate(params.items()):
         value = named[name]
+        if name in plain:
+            signature[name] = "i32"
+            continue
         if "constexpr" in str(param.annotation) or (type(value) is int and value == 1):
             signature[name], constants[name] = "constexpr", value
             continue
@@ -114,7 +118,8 @@ def build(fn, named, num_warps, disassemble=True):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    signature, constants, attrs = specialise(fn.fn, named)
+    plain = [p.name for p in getattr(fn, "params", ()) if getattr(p, "do_not_specialize", False)]
+    signature, constants, attrs = specialise(fn.fn, named, plain)
     compiled = triton.compile(ASTSource(fn, signature, constexprs=constants, attrs=attrs),
                               target=GPUTarget("cuda", TARGET, 32), options={"num_warps": num_warps})
     with tempfile.TemporaryDirectory() as tmp:
@@ -300,9 +305,10 @@ def build_request(launch, tile):
     its arguments by name with each tensor as its pointer type, num_warps)."""
     jit = _jit(launch.kernel)
     named = launch.named({k: v for k, v in tile.items() if k != "num_warps"})
+    plain = {p.name for p in getattr(jit, "params", ()) if getattr(p, "do_not_specialize", False)}
     params = inspect.signature(jit.fn).parameters.items()
-    key = tuple((name, named[name] if "constexpr" in str(p.annotation) else _specialised(named[name]))
-                for name, p in params)
+    key = tuple((name, named[name] if "constexpr" in str(p.annotation) else "i32" if name in plain
+                 else _specialised(named[name])) for name, p in params)
     return jit.fn.__module__, jit.fn.__name__, key, tile["num_warps"]
 
 

@@ -85,14 +85,14 @@ def _mix(key, s):
     return x
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["layer"])  # one build for every layer (0 and 1 would each specialise)
 def _keep_bits(seeds, layer, bits, HW, C, WORDS, DROP_BELOW, BLOCK: tl.constexpr, WIDE: tl.constexpr):
     """Layer `layer`'s keep bits of image pid 0, BLOCK words a program (grid: N, word blocks): bit b of word j of
     position q keeps channel c = 32 j + b unless hash(q * C + c) / 2 < DROP_BELOW (= p * 2^31), the hash keyed by
     the layer's seed, the layer and the image. On a GPU each thread makes whole words, a bit at a time (no
     reduction across threads); in the interpreter (WIDE), whose cost is per operation, all 32 bits at once."""
     n = tl.program_id(0)
-    s = _mix(n, _mix(tl.load(seeds + layer), layer))  # layer may be a constant (1): a key, never .to()
+    s = _mix(n, _mix(tl.load(seeds + layer), layer))
     i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # word i of the image: position i // WORDS
     c = (i % WORDS) * 32
     key = (i // WORDS) * C + c

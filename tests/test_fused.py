@@ -307,6 +307,7 @@ def test_expanded_gradients_give_what_contiguous_ones_do():
 
 
 @interpreted
+@pytest.mark.long  # Dynamo and AOTAutograd tracing the fused model: a quarter of a minute
 def test_a_compiled_fused_step_with_dynamic_shapes_builds_once_for_two_batch_sizes():
     """torch.compile(dynamic=True) through AOTAutograd (the aot_eager backend: the ops' fake implementations and
     their symbolic batch, the keep bits' shape ints included): one graph serves a training step at batch 2 and at

@@ -201,3 +201,19 @@ def test_the_committed_counts_meet_the_instruction_budget():
     assert v["triton convs"]["warp_instructions"] <= 6e6
     for variant in data["variants"].values():
         assert all(r["stack"] == 0 for r in roofline.picked(variant["rows"]))
+
+
+def keep_bits_builds():
+    """{channels: distinct builds} of the keep-bit kernels a fused step launches (layers 0 and 1 among them, which an
+    int argument would specialise on), at their first tile. Run without TRITON_INTERPRET."""
+    out = {}
+    for layer, direction, launch in roofline.step_launches("fused"):
+        if launch.name == "_keep_bits":
+            out.setdefault(launch.named({})["C"], set()).add(roofline.build_request(launch, launch.tiles[0]))
+    return {c: len(builds) for c, builds in out.items()}
+
+
+def test_a_kernel_builds_once_for_every_layer_of_a_shape():
+    """Dropout's keep bits take the layer's index as an int and the seeds whole (a slice of them alternated between
+    16-byte aligned and not, and built twice): three layers of each width, one build each width."""
+    assert run_built("tests.test_roofline:keep_bits_builds") == {"32": 1, "64": 1, "128": 1, "256": 1}
