@@ -246,6 +246,7 @@ def test_a_run_can_start_from_another_runs_weights(short_run, tmp_path):
 
 # --- stop and resume --------------------------------------------------------------------------------
 
+@pytest.mark.slow  # four train.py processes, two killed mid-step: 40 s, past the suite's budget (CI runs it)
 @pytest.mark.xdist_group("learned")
 def test_a_run_stopped_every_way_resumes_on_the_same_batches_to_the_same_weights(learned, tmp_path):
     """SIGTERM (a scheduler's stop: saved where it is), then kill -9 twice at random moments (mid-step, mid-save:
@@ -489,7 +490,7 @@ def finish(nodes, timeout=300):
     return done
 
 
-@pytest.mark.long
+@pytest.mark.slow  # three torchrun jobs of two ranks: 40 s, past the suite's budget (CI runs it)
 def test_two_ranks_stop_together_survive_a_dead_rank_and_resume_on_two_machines(tmp_path):
     """A run of 2 ranks (gloo), started by torchrun on one machine and stopped by SIGTERM, resumed as the
     README's two-machine commands, a rank killed there, and resumed again to the end: the world (2 ranks)
