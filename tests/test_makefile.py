@@ -60,6 +60,7 @@ def test_a_python_with_torch_but_a_missing_dependency_asks_pip_for_that_one_only
 
 
 @pytest.mark.long
+@pytest.mark.long  # two train.py processes through make
 def test_train_with_seeds_runs_once_per_seed_then_prints_the_results_of_the_folder_they_went_to(tmp_path):
     """`make train SEEDS=...` in the checkout itself (-o: no reinstall here), two 1-step runs; their folder named
     both ways, RUNS and --runs in ARGS, which wins as it does for train.py: the results are read there."""

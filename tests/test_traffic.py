@@ -19,6 +19,7 @@ def count(batch):
                               autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
 
 
+@pytest.mark.long  # two Inductor compiles of a small model: started first, so the suite does not end on it
 def test_every_kernel_of_forward_and_backward_is_counted_with_its_bytes_which_grow_with_the_batch():
     kernels = count(2)
     names = [name for name, _ in kernels]
