@@ -217,3 +217,13 @@ def test_a_kernel_builds_once_for_every_layer_of_a_shape():
     """Dropout's keep bits take the layer's index as an int and the seeds whole (a slice of them alternated between
     16-byte aligned and not, and built twice): three layers of each width, one build each width."""
     assert run_built("tests.test_roofline:keep_bits_builds") == {"32": 1, "64": 1, "128": 1, "256": 1}
+
+
+def test_the_picture_puts_each_kernel_against_the_ceilings(tmp_path):
+    """docs/roofline.png's maker, on two made-up kernels: a PNG, whatever the variants."""
+    pytest.importorskip("matplotlib")
+    rows = [row("A", "k", "t", 1e6, 1e5), row("B", "k", "t", 1e3, 1e7)]
+    results = {"variants": {"fused": {"rows": rows}, "triton convs": {"rows": rows[:1]}}, "triton": "3.9.0",
+               "batch": 512, "dropout": 0.05, "date": "2026-12-07"}
+    roofline.picture(results, tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
