@@ -200,10 +200,12 @@ def fused(batch=512):
         lines.append(f"| {label} | {len(check.errors)} | {name} | {error:.2e} | {unfused:.2e} | {verdict} |")
     ok = not data["fp32"]["failed"]
     ms = time_steps(model, env, batch=batch, compiled=True, mode=cfg.compile_mode)
-    data["ms"] = ms
+    data["ms"], data["tiles"] = ms, net.fused.tiles()
     lines += ["", f"- a training step (forward + backward), compiled bf16 channels_last, batch {batch}: fused "
                   f"{ms['fused']:.2f} ms ({batch / ms['fused'] * 1e3:,.0f} img/s), unfused {ms['unfused']:.2f} ms "
-                  f"({batch / ms['unfused'] * 1e3:,.0f} img/s): {ms['unfused'] / ms['fused']:.2f}x"]
+                  f"({batch / ms['unfused'] * 1e3:,.0f} img/s): {ms['unfused'] / ms['fused']:.2f}x", "",
+              "Tiles autotune picked for the fused kernels (net/fused.py's TUNING), per kernel and shape:", ""]
+    lines += [f"- {kind}: {shape} -> {tile}" for kind, picks in data["tiles"].items() for shape, tile in picks.items()]
     return [f"- {'PASS' if ok else 'FAIL'}: each tensor's error against float64 within twice the unfused path's "
             f"(+{TOLERANCE:g}: ReLU flips), in fp32", ""] + lines, {"ok": ok, **data}
 

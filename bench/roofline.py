@@ -151,7 +151,7 @@ def parse_sass(text):
 
 
 @dataclass
-class Path_:
+class ProgramPath:
     """The instructions a program issues: `straight` on its way once through, and each loop's body (its
     instructions between the loop's label and its branch back, in order), which runs once more per extra trip."""
     straight: int
@@ -166,7 +166,7 @@ def program_path(sass):
     """The path a program takes when each loop runs at least once: from the entry, every instruction in order; a
     conditional branch forward is not taken (on these kernels: the skip of a loop that runs no trip, or of a
     tail); an unconditional one is; a branch back to a label is a loop's back-edge (its body is counted once here,
-    the trips by `Path_.per_program`); the first unconditional EXIT ends it. Loops within loops are refused."""
+    the trips by `ProgramPath.per_program`); the first unconditional EXIT ends it. Loops within loops are refused."""
     at = {name: i for i, (kind, name) in enumerate(sass) if kind == "label"}
     straight, loops, spans, i = 0, [], [], 0
     while i < len(sass):
@@ -178,7 +178,7 @@ def program_path(sass):
         opcode = text.split()[1] if text.startswith("@") else text.split()[0]
         conditional = text.startswith("@")
         if opcode == "EXIT" and not conditional:
-            return Path_(straight, loops)
+            return ProgramPath(straight, loops)
         if opcode.startswith("BRA"):
             target = at[re.search(r"\((\.L_x_\d+)\)", text)[1]]
             if target < i:  # a loop: its body is everything from its label to here

@@ -532,10 +532,14 @@ def _launch(kind, grid, args, constexprs, extent):
 
 
 def tiles():
-    """{kernel: {shape key: tile}}: autotune's pick for each shape it has met on CUDA; empty elsewhere."""
-    return {kind: {str(key[:len(AUTOTUNE_KEY[kind])]): "x".join(str(v) for v in c.kwargs.values())
-                   + f", {c.num_warps} warps" for key, c in tuner.cache.items()}
-            for kind, tuner in _autotuners.items()}
+    """{kernel: {shape: tile}}: autotune's pick for each shape it has met on CUDA ("POSITIONS=1024, W=32, C_in=256,
+    ..., bfloat16" -> "16x32, 8 warps"); empty before any launch, and elsewhere. gpu-check reports it."""
+    def shape(kind, key):  # autotune's key: AUTOTUNE_KEY's values, then each tensor's dtype
+        named = [f"{k}={v}" for k, v in zip(AUTOTUNE_KEY[kind], key)]
+        return ", ".join(named + sorted({str(d).removeprefix("torch.") for d in key[len(named):]}))
+
+    return {kind: {shape(kind, key): "x".join(str(v) for v in c.kwargs.values()) + f", {c.num_warps} warps"
+                   for key, c in tuner.cache.items()} for kind, tuner in _autotuners.items()}
 
 
 def dot_f32(x):

@@ -389,3 +389,17 @@ def test_torch_compile_sees_the_fused_ops_and_no_graph_break():
     torch.testing.assert_close(got[0], want[0])
     for name in want[1]:
         torch.testing.assert_close(got[1]["_orig_mod." + name], want[1][name], msg=name)
+
+
+def test_the_tiles_autotune_picked_are_reported_by_shape(monkeypatch):
+    """What gpu-check prints of the fused kernels' autotune (CUDA only): each key named by AUTOTUNE_KEY, then the
+    tensors' dtypes, and the picked tile."""
+    class Config:
+        kwargs, num_warps = {"BLOCK_P": 16, "BLOCK_C": 32}, 8
+
+    class Tuner:
+        cache = {(1024, 32, 256, 5, 1024, 1, True, torch.bfloat16, torch.float32): Config()}
+
+    monkeypatch.setattr(fused, "_autotuners", {"dw_forward": Tuner()})
+    assert fused.tiles() == {"dw_forward": {"POSITIONS=1024, W=32, C_in=256, DIL=5, PER_TILE=1024, M=1, DROPOUT=True, "
+                                            "bfloat16, float32": "16x32, 8 warps"}}
