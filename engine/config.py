@@ -94,9 +94,10 @@ class Config:
                 "(torch where the kernels cannot run)"})
     fuse: str = field(default="auto", metadata={
         "choices": ["auto", "on", "off"],
-        "help": "each conv with its neighbours' BatchNorm, ReLU and dropout in the same kernels (net/fused.py): on "
-                "(wherever the kernels run; CUDA), off, or auto: on CUDA fused when a start-up check against the "
-                "unfused model passes and whole training steps time faster, else off"})
+        "help": "each conv with its neighbours' BatchNorm, ReLU and dropout in the same kernels: on CUDA "
+                "net/fused.py's Triton kernels, on a CPU net/cpu.py's C++ kernels; on, off, or auto: fused when a "
+                "start-up check against the unfused model passes and (CUDA) whole training steps time faster; on "
+                "a CPU, fused whenever the kernels build and pass the check"})
     threads: int = field(default=None,
                          metadata={"help": "torch's CPU threads (default on CPU: the cores idle at start)"})
     bn_reestimate: int = field(default=None, metadata={
@@ -187,9 +188,13 @@ def check(cfg):
         why = ("the Triton kernels run on CUDA (on a CPU only under TRITON_INTERPRET=1, for tests)" if HAVE_TRITON
                else "Triton is not installed (pip install triton)")
         raise UserError(f"--conv-impl triton: {why}; use --conv-impl auto or torch")
-    if cfg.fuse == "on" and not runs_kernels(torch.device(cfg.device)):
-        why = ("the fused kernels run on CUDA (on a CPU only under TRITON_INTERPRET=1, for tests)" if HAVE_TRITON
-               else "Triton is not installed (pip install triton)")
+    if cfg.fuse == "on" and cfg.device == "cpu" and not runs_kernels(torch.device("cpu")):
+        from net import cpu  # the C++ kernels: built here, once per machine (then cached on disk)
+
+        if cpu.available():
+            raise UserError(f"--fuse on: {cpu.available()}; use --fuse off (or auto: off where they cannot build)")
+    elif cfg.fuse == "on" and not runs_kernels(torch.device(cfg.device)):
+        why = "the fused kernels run on CUDA" if HAVE_TRITON else "Triton is not installed (pip install triton)"
         raise UserError(f"--fuse on: {why}; use --fuse auto or off")
     if not cfg.smoke and not Path(cfg.data).exists():
         raise UserError(f"--data {cfg.data} does not exist; run `make data` (or `make data SRC=/path/to/copy`)")

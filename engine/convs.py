@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from net.kernels import HAVE_TRITON, dwconv, dwconv_op, dwconv_reference, pinned, runs_kernels, tiles
-from net.model import depthwise_convs
+from net.model import depthwise_convs, fused_path
 
 from .device import relative_error
 
@@ -144,20 +144,26 @@ def choose_convs(model, env, want, *, batch, size=32):
     return choice
 
 
-# --- --fuse: the fused path (net/fused.py) ----------------------------------------------------------
+def cpu_kernels(device):
+    """Whether the fused path on `device` is net/cpu.py's C++ kernels: a CPU, outside Triton's interpreter."""
+    return device.type == "cpu" and not runs_kernels(device)
+
+
+# --- --fuse: the fused path (net/fused.py on CUDA, net/cpu.py on a CPU) ------------------------------------------
 
 @dataclass
 class FuseChoice:
     """What `choose_fused` decided, and why."""
     fused: bool = False
     why: str = ""
+    path: str = "Triton kernels"  # which kernels run it: net/fused.py's Triton kernels, or net/cpu.py's C++ ones
     check: "FusedCheck" = None  # the start-up check (`check_fused`), where it ran
     ms: dict = field(default_factory=dict)  # {"fused": ms, "unfused": ms} per training step (auto on CUDA)
 
     def line(self):
         checked = f"; {self.check.line()}" if self.check is not None else ""
         times = f"; {self.ms['fused']:.2f} ms a step fused, {self.ms['unfused']:.2f} unfused" if self.ms else ""
-        return f"{'on' if self.fused else 'off'} ({self.why}{checked}{times})"
+        return f"{f'on, {self.path}' if self.fused else 'off'} ({self.why}{checked}{times})"
 
 
 @dataclass
@@ -239,7 +245,7 @@ def check_fused(model, env, *, batch=2, size=32, seed=0, precision="fp32"):
     size (32: every kernel path the launchers plan for it, several backward tiles and 1x1 weight-gradient splits at
     batch 2 on CUDA), channels_last, on the run's device; seeds from a generator of its own, so the run's random
     state is untouched."""
-    from net import fused as fused_path
+    path = fused_path(env.device)  # net.fused (Triton) or net.cpu (the C++ kernels)
 
     t0 = time.perf_counter()
     device = env.device
@@ -259,10 +265,10 @@ def check_fused(model, env, *, batch=2, size=32, seed=0, precision="fp32"):
     result = FusedCheck(precision=precision)
     for dropout in (0.0, p) if p > 0 else (0.0,):
         def fused_run(m, x):
-            return fused_path.forward(m, x, seeds)
+            return path.forward(m, x, seeds)
 
         def unfused_run(m, x):
-            return fused_path.masked_reference(m, x, seeds, dropout)
+            return path.masked_reference(m, x, seeds, dropout)
 
         reference = _step_tensors(net(dropout, torch.float64), unfused_run, x.double(), labels)
         floor = max(t.abs().max().item() for k, t in reference.items() if k.endswith("gradient")) / 100
@@ -317,17 +323,26 @@ def choose_fused(model, env, want, *, batch, compiled=False, mode="default"):
     auto on CUDA also times whole training steps of both (compiled as the trainer compiles) and keeps the faster;
     elsewhere auto is off."""
     choice = FuseChoice(why=f"--fuse {want}")
-    usable = runs_kernels(env.device) and (want == "on" or want == "auto" and env.device.type in AUTO_DEVICES)
-    if want == "auto" and not usable:
-        choice.why += ": Triton is not installed" if not HAVE_TRITON else ": the fused kernels are timed on CUDA only"
+    if cpu_kernels(env.device):  # the C++ kernels (net/cpu.py): on wherever they build and pass the check
+        from net import cpu
+
+        usable, choice.path = want != "off" and not cpu.available(), "C++ kernels"
+        if want != "off" and not usable:
+            choice.why += f": {cpu.available()}"
+    else:
+        usable = runs_kernels(env.device) and (want == "on" or want == "auto" and env.device.type in AUTO_DEVICES)
+        if want == "auto" and not usable:
+            choice.why += (": Triton is not installed" if not HAVE_TRITON
+                           else ": the fused kernels are timed on CUDA only")
     if usable:
-        import net.fused  # noqa: F401  (the fused ops, registered before anything compiles)
+        if choice.path == "Triton kernels":
+            import net.fused  # noqa: F401  (the fused ops, registered before anything compiles)
 
         with pinned():  # one tile each: the check runs fp32 kernels that the run never launches, once
             choice.check = check_fused(model, env)
         if choice.check.failed:
             choice.why += ": the fused path disagrees with the unfused model, so unfused"
-        elif want == "on":
+        elif want == "on" or choice.path == "C++ kernels":  # on a CPU the unfused step is 7-8x slower: no timing
             choice.fused = True
         else:
             choice.ms = time_steps(model, env, batch=batch, compiled=compiled, mode=mode)

@@ -40,31 +40,19 @@ Triton: Net imports it when `fused` is first set, and its kernels run where net/
 CPU tensors under TRITON_INTERPRET=1).
 """
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import cpu
 from .kernels import STRIDES, backward_tiles, cdiv, interpreting, tile_trips
 
 # --- the reference ---------------------------------------------------------------------------------
 
 
-def reference_layer(x, conv, bn, p, keep=None):
-    """What one fused layer computes, unfused: conv, BatchNorm, ReLU, then dropout by the mask `keep` (bool, the
-    conv output's shape; None: no dropout), scaled by 1 / (1 - p)."""
-    a = F.relu(bn(conv(x)))
-    return a if keep is None else a * keep / (1 - p)
-
-
 def masked_reference(model, x, seeds, p):
     """The model's unfused modules, layer by layer, with the fused path's dropout masks (`dropout_mask` of
     `seeds[k]` for layer k): the function the fused path computes in training."""
-    y = x
-    for k, layer in enumerate(layer for block in model.features for layer in block):
-        shape = (x.shape[0], layer[0].out_channels, *x.shape[2:])
-        keep = dropout_mask(int(seeds[k]), shape, p, device=x.device, layer=k).to(y.dtype) if p > 0 else None
-        y = reference_layer(y, layer[0], layer[1], p, keep)
-    return model.head(model.pool(y).flatten(1))
+    return cpu.masked_reference(model, x, seeds, p, mask=dropout_mask)
 
 
 # --- the kernels -----------------------------------------------------------------------------------

@@ -65,16 +65,26 @@ class Net(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)  # GAP: any input size gives one vector
         self.head = nn.Sequential(nn.Linear(c4, 128), nn.ReLU(inplace=True), nn.Linear(128, num_classes))
 
-    # The fused path (net/fused.py): each conv with its neighbours' BatchNorm, ReLU and dropout in the same
-    # kernels, wherever they run on x's device (CUDA; CPU under Triton's interpreter); the same parameters,
-    # buffers and function. Set by the trainer (--fuse); False: these modules, as written above.
+    # The fused path: each conv with its neighbours' BatchNorm, ReLU and dropout in the same kernels, those of
+    # x's device (`fused_path`); the same parameters, buffers and function. Set by the trainer (--fuse); False:
+    # these modules, as written above.
     fused = False
 
     def forward(self, x):
-        if self.fused and runs_kernels(x.device):
-            from . import fused  # imported by whoever set `fused` (it imports Triton)
-            return fused.forward(self, x)
+        if self.fused:
+            return fused_path(x.device).forward(self, x)
         return self.head(self.pool(self.features(x)).flatten(1))
+
+
+def fused_path(device):
+    """The module whose `forward(model, x)` runs the fused path on `device`'s tensors: net/fused.py's Triton kernels
+    on CUDA (and on a CPU under Triton's interpreter, for tests), net/cpu.py's C++ kernels on a CPU otherwise."""
+    if runs_kernels(device):
+        from . import fused  # imports Triton: only where its kernels run
+        return fused
+    assert device.type == "cpu", f"no fused path on {device}"
+    from . import cpu
+    return cpu
 
 
 def build_model(*, dropout=0.1, num_classes=10, widths=(32, 64, 128, 256)):

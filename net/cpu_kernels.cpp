@@ -1,0 +1,238 @@
+// The CPU path's kernels (net/cpu.py builds each one through Inductor's own C++ toolchain and calls it on
+// tensors' data). Every activation is NHWC fp32, a (positions, channels) matrix: P = N * H * W rows of C.
+// The inner loops run over channels, contiguous, so that the compiler vectorises them for whatever the CPU has
+// (AVX2, AVX-512; plain scalar code elsewhere). Reductions write per-block partials that Python sums in a fixed
+// order: the same bits whatever the number of threads.
+#include <cstdint>
+#include <cstring>
+
+// Inductor builds with -fno-tree-loop-vectorize (its own code is vectorised by hand) and -ffp-contract=off: these
+// loops are written for the compiler's vectoriser (its selects need no-trapping-math), and take FMAs.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("tree-loop-vectorize", "no-trapping-math", "fp-contract=fast")
+#endif
+
+// Dropout's counter hash, bit for bit the fused GPU path's `_mix` (net/fused.py): a multiply, then a
+// xorshift-multiply finaliser (Wellons' lowbias32 constants), in uint32 arithmetic.
+static inline uint32_t mix(uint32_t key, uint32_t s) {
+    uint32_t x = key * 0x61C88647u ^ s;
+    x ^= x >> 16;
+    x *= 0x21F0AAADu;
+    x ^= x >> 15;
+    x *= 0x735A2D97u;
+    x ^= x >> 15;
+    return x;
+}
+
+// Per-channel sum and sum of squares of y (P, C), rows in blocks of R: partials (blocks, 2, C).
+static void bn_stats(const float* y, float* partials, int64_t P, int64_t C, int64_t R) {
+    const int64_t blocks = (P + R - 1) / R;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        float* sum = partials + b * 2 * C;
+        float* sumsq = sum + C;
+        std::memset(sum, 0, 2 * C * sizeof(float));
+        const int64_t end = b * R + R < P ? b * R + R : P;
+        for (int64_t r = b * R; r < end; r++) {
+            const float* row = y + r * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; c++) {
+                sum[c] += row[c];
+                sumsq[c] += row[c] * row[c];
+            }
+        }
+    }
+}
+
+// a = relu(s y + t) * keep * scale: BatchNorm as s, t per channel, ReLU, dropout. keep: unless the hash of the
+// element's index q * C + c within image n (keyed by the layer's seed, the layer and n) / 2 is below
+// drop_below = p 2^31. drop_below 0: no dropout, no hash.
+static void act_forward(const float* y, const float* s, const float* t, float* a, int64_t N, int64_t HW, int64_t C,
+                        int64_t seed, int64_t layer, int64_t drop_below, float scale) {
+    const uint32_t layer_key = mix((uint32_t)seed, (uint32_t)layer);
+    const int32_t below = (int32_t)drop_below;
+#pragma omp parallel for schedule(static) collapse(2)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t q = 0; q < HW; q++) {
+            const uint32_t image_key = mix((uint32_t)n, layer_key);
+            const float* yr = y + (n * HW + q) * C;
+            float* ar = a + (n * HW + q) * C;
+            if (below == 0) {
+#pragma omp simd
+                for (int64_t c = 0; c < C; c++) {
+                    const float pre = yr[c] * s[c] + t[c];
+                    ar[c] = pre > 0.0f ? pre : 0.0f;
+                }
+            } else {
+                const uint32_t base = (uint32_t)(q * C);
+#pragma omp simd
+                for (int64_t c = 0; c < C; c++) {
+                    const float pre = yr[c] * s[c] + t[c];
+                    const bool kept = (int32_t)(mix(base + (uint32_t)c, image_key) >> 1) >= below;
+                    const float out = pre * scale;  // computed unconditionally: a select, no branch
+                    ar[c] = (pre > 0.0f) & kept ? out : 0.0f;
+                }
+            }
+        }
+    }
+}
+
+// The gradient through act_forward to its pre-activation, g = da * scale where a > 0 (ReLU and dropout's masks
+// are a's zeros), reduced per block of R rows: partials (blocks, 2, C) of sum(g) and sum(g y).
+static void act_backward_sums(const float* da, const float* a, const float* y, float* partials, int64_t P,
+                              int64_t C, int64_t R, float scale) {
+    const int64_t blocks = (P + R - 1) / R;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        float* sg = partials + b * 2 * C;
+        float* sgy = sg + C;
+        std::memset(sg, 0, 2 * C * sizeof(float));
+        const int64_t end = b * R + R < P ? b * R + R : P;
+        for (int64_t r = b * R; r < end; r++) {
+            const float* dar = da + r * C;
+            const float* ar = a + r * C;
+            const float* yr = y + r * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; c++) {
+                const float v = dar[c] * scale;  // loaded unconditionally: a select, no branch
+                const float g = ar[c] > 0.0f ? v : 0.0f;
+                sg[c] += g;
+                sgy[c] += g * yr[c];
+            }
+        }
+    }
+}
+
+// BatchNorm's backward through its batch statistics, per element: dy = k1 g + k2 y + k3 (per channel), g as above.
+static void act_backward_apply(const float* da, const float* a, const float* y, const float* k1, const float* k2,
+                               const float* k3, float* dy, int64_t P, int64_t C, float scale) {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < P; r++) {
+        const float* dar = da + r * C;
+        const float* ar = a + r * C;
+        const float* yr = y + r * C;
+        float* out = dy + r * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; c++) {
+            const float v = dar[c] * scale;
+            const float g = ar[c] > 0.0f ? v : 0.0f;
+            out[c] = k1[c] * g + k2[c] * yr[c] + k3[c];
+        }
+    }
+}
+
+// A 3x3 depthwise (M = 1) or grouped C -> 2C (M = 2: output channel o reads input o / 2) conv, dilation d,
+// padding d: y (N, H, W, C M) from a (N, H, W, C) and w (9, C M), tap-major. A position's outputs in blocks of
+// CB channels, each block summed over the taps in registers, then stored once.
+constexpr int64_t CB = 16;
+
+template <int M>
+static void dw_forward(const float* a, const float* w, float* y, int64_t N, int64_t H, int64_t W, int64_t C,
+                       int64_t d) {
+    const int64_t CO = C * M;
+#pragma omp parallel for schedule(static) collapse(2)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t h = 0; h < H; h++) {
+            for (int64_t x = 0; x < W; x++) {
+                float* out = y + ((n * H + h) * W + x) * CO;
+                const float* in[9];  // each tap's input position, nullptr where it falls in the padding
+                for (int64_t tap = 0; tap < 9; tap++) {
+                    const int64_t hh = h + (tap / 3 - 1) * d, xx = x + (tap % 3 - 1) * d;
+                    in[tap] = hh >= 0 && hh < H && xx >= 0 && xx < W ? a + ((n * H + hh) * W + xx) * C : nullptr;
+                }
+                int64_t o0 = 0;
+                for (; o0 + CB <= CO; o0 += CB) {
+                    float acc[CB] = {};
+                    for (int64_t tap = 0; tap < 9; tap++) {
+                        if (!in[tap]) continue;
+                        const float* src = in[tap] + o0 / M;
+                        const float* wt = w + tap * CO + o0;
+                        for (int64_t o = 0; o < CB; o++) acc[o] += src[o / M] * wt[o];
+                    }
+                    for (int64_t o = 0; o < CB; o++) out[o0 + o] = acc[o];
+                }
+                for (; o0 < CO; o0++) {  // widths that are not a multiple of CB
+                    float acc = 0.0f;
+                    for (int64_t tap = 0; tap < 9; tap++)
+                        if (in[tap]) acc += in[tap][o0 / M] * w[tap * CO + o0];
+                    out[o0] = acc;
+                }
+            }
+        }
+    }
+}
+
+// Its backward, an image a thread: da (N, H, W, C), the transposed conv of g (N, H, W, C M); and the weight's
+// gradient per image, dw_partials (N, 9, C M), summed by the caller in image order.
+
+template <int M>
+static void dw_backward(const float* g, const float* a, const float* w, float* da, float* dw_partials, int64_t N,
+                        int64_t H, int64_t W, int64_t C, int64_t d) {
+    const int64_t CO = C * M;
+    constexpr int64_t CI = CB / M;  // input channels of a block of CB outputs
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const float* g_img = g + n * H * W * CO;
+        const float* a_img = a + n * H * W * C;
+        for (int64_t h = 0; h < H; h++) {
+            for (int64_t x = 0; x < W; x++) {
+                // da at (h, x) gathers g from the positions whose tap (i, j) read (h, x)
+                const float* src[9];
+                for (int64_t tap = 0; tap < 9; tap++) {
+                    const int64_t hs = h - (tap / 3 - 1) * d, xs = x - (tap % 3 - 1) * d;
+                    src[tap] = hs >= 0 && hs < H && xs >= 0 && xs < W ? g_img + (hs * W + xs) * CO : nullptr;
+                }
+                float* out = da + ((n * H + h) * W + x) * C;
+                int64_t c0 = 0;
+                for (; c0 + CI <= C; c0 += CI) {
+                    float acc[CI] = {};
+                    for (int64_t tap = 0; tap < 9; tap++) {
+                        if (!src[tap]) continue;
+                        const float* gs = src[tap] + c0 * M;
+                        const float* wt = w + tap * CO + c0 * M;
+                        for (int64_t c = 0; c < CI; c++)
+                            for (int64_t m = 0; m < M; m++) acc[c] += gs[c * M + m] * wt[c * M + m];
+                    }
+                    for (int64_t c = 0; c < CI; c++) out[c0 + c] = acc[c];
+                }
+                for (; c0 < C; c0++) {
+                    float acc = 0.0f;
+                    for (int64_t tap = 0; tap < 9; tap++)
+                        if (src[tap])
+                            for (int64_t m = 0; m < M; m++) acc += src[tap][c0 * M + m] * w[tap * CO + c0 * M + m];
+                    out[c0] = acc;
+                }
+            }
+        }
+        // the weight's gradient: g at (h, x) times what each tap read there, summed over the image in dw's nine
+        // rows of CO (L1-resident: 9 KB at 256 channels)
+        float* dw = dw_partials + n * 9 * CO;
+        std::memset(dw, 0, 9 * CO * sizeof(float));
+        for (int64_t h = 0; h < H; h++) {
+            for (int64_t x = 0; x < W; x++) {
+                const float* gr = g_img + (h * W + x) * CO;
+                for (int64_t tap = 0; tap < 9; tap++) {
+                    const int64_t hh = h + (tap / 3 - 1) * d, xx = x + (tap % 3 - 1) * d;
+                    if (hh < 0 || hh >= H || xx < 0 || xx >= W) continue;
+                    const float* in = a_img + (hh * W + xx) * C;
+                    float* dwt = dw + tap * CO;
+#pragma omp simd
+                    for (int64_t c = 0; c < C; c++)
+                        for (int64_t m = 0; m < M; m++) dwt[c * M + m] += gr[c * M + m] * in[c];
+                }
+            }
+        }
+    }
+}
+
+// Dropout's keep mask in the open (N, HW, C) bytes, 1 = kept: what act_forward applies, for tests and checks.
+static void keep_mask(uint8_t* keep, int64_t N, int64_t HW, int64_t C, int64_t seed, int64_t layer,
+                      int64_t drop_below) {
+    const uint32_t layer_key = mix((uint32_t)seed, (uint32_t)layer);
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint32_t image_key = mix((uint32_t)n, layer_key);
+        for (int64_t i = 0; i < HW * C; i++)
+            keep[n * HW * C + i] = (int32_t)(mix((uint32_t)i, image_key) >> 1) >= (int32_t)drop_below;
+    }
+}
