@@ -106,7 +106,7 @@ def run(args):
     facts["threads"] = {"torch": env.threads, "dali_end_to_end": env.dali_threads, "why": env.threads_why}
     results = {**facts, "date": datetime.date.today().isoformat(), "quick": args.quick, "data": what,
                "recipe": cfg.recipe, "complete": False, "pipeline": {}, "costs": {}, "model": {}, "compile": {},
-               "convs": {}, "traffic": {}, "roofline": {}, "skipped": {}}
+               "convs": {}, "traffic": {}, "roofline": {}, "skipped": {}, "end_to_end_others": {}}
     out = Path(args.out)
     stem = out / f"{results['date']}-{args.device}{'-quick' if args.quick else ''}"
 
@@ -169,6 +169,11 @@ def run(args):
     print("end to end ...", flush=True)
     trainer_key = list(model_variants(cfg.device))[-1]  # the variant train.py runs, compile check and all
     e2e = bench_end_to_end(cfg, *models[trainer_key], images[:e2e_images], labels[:e2e_images], timing)
+    if cpu:  # each CPU variant end to end too, side by side with the trainer's
+        for key in list(model_variants(cfg.device))[:-1]:
+            results["end_to_end_others"][key] = bench_end_to_end(cfg, *models[key], images[:e2e_images],
+                                                                 labels[:e2e_images], timing)
+            save()
     results["limit"] = bench_limit(args.device, 2 if not cpu else 4, timing["sync"], args.quick)
     same_model = results["model"][f"train, {trainer_key}"]["img_per_s"]  # the same variant, step alone
     results["end_to_end"] = {**e2e, "model": trainer_key, "ratio_to_model": e2e["img_per_s"] / same_model,

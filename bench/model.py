@@ -47,8 +47,11 @@ def model_variants(device):
                 "compiled bf16 NCHW, triton convs": Variant(bf16, False, True, "triton"),
                 "compiled bf16 channels_last, fused": Variant(bf16, True, True, "triton", "on"),  # net/fused.py
                 "compiled bf16 channels_last, auto convs, auto fuse": Variant(bf16, True, True, "auto", "auto")}
+    # A CPU trains fp32: without AVX512-BF16 or AMX, PyTorch's bf16 matmul is its reference loop (0.3 GFLOP/s against
+    # 112 in fp32 on the 2-core AMD EPYC of 2026-12-07). The last: the fused path's C++ kernels (net/cpu.py).
     return {"eager fp32 NCHW": Variant(fp32, False, False),
-            "eager fp32 channels_last": Variant(fp32, True, False, "auto")}
+            "eager fp32 channels_last": Variant(fp32, True, False, "auto"),
+            "eager fp32 channels_last, fused (C++ kernels)": Variant(fp32, True, False, "auto", "auto")}
 
 
 def prepare_model(cfg, env, key, results):
@@ -150,20 +153,36 @@ def floor_bytes_per_image(model, dtype_bytes):
     return 4 * dtype_bytes * activation_elements(model) + 3 * 32 * 32
 
 
-def bench_limit(device, dtype_bytes, sync, quick):
-    n = 1024 if quick else 2048 if device == "cpu" else 8192
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+def matmul_tflops(device, dtype, n, sync):
+    """TFLOP/s of an n x n matmul into a preallocated output, median of 5 after warm-up."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    mm = measure(lambda: a @ b, images_per_step=1, steps=3 if device == "cpu" else 20, repeats=5, warmup=2, sync=sync)
+    out = torch.empty_like(a)
+    mm = measure(lambda: torch.mm(a, b, out=out), images_per_step=1, steps=3 if device == "cpu" else 20, repeats=5,
+                 warmup=2, sync=sync)
+    return mm["img_per_s"] * 2 * n**3 / 1e12
+
+
+def bench_limit(device, dtype_bytes, sync, quick):
+    """The floor: FLOPs per image at the training dtype's measured matmul rate, bytes at the measured copy
+    bandwidth. On a CPU the matmul is 2048 wide in both runs (1024 read 0.08 TFLOP/s where 2048 reads the CPU's
+    rate), and bf16's rate beside fp32's: the CPU trains fp32, and bf16 is only worth it where the CPU has it."""
+    n = 2048 if device == "cpu" else 1024 if quick else 8192
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    tflops = matmul_tflops(device, dtype, n, sync)
+    other = {}
+    if device == "cpu":  # without native bf16, PyTorch's reference loop: a small matmul says so in a second
+        native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        other = {"bf16_matmul_tflops": matmul_tflops(device, torch.bfloat16, n if native else 256, sync),
+                 "bf16": "native" if native else "reference loop"}
     bandwidth = copy_bandwidth(device, dict(steps=5, repeats=5, warmup=2, sync=sync))
     model = build_model()
     macs = count_macs(model)
     flops = 3 * 2 * macs  # forward 2 FLOPs per MAC; backward twice the forward (input and weight grads)
     elements = activation_elements(model)
     bytes_per_image = floor_bytes_per_image(model, dtype_bytes)
-    tflops, gbps = mm["img_per_s"] * 2 * n**3 / 1e12, bandwidth / 1e9
+    gbps = bandwidth / 1e9
     floor = min(tflops * 1e12 / flops, gbps * 1e9 / bytes_per_image)
-    return {"macs_per_image": macs, "train_flops_per_image": flops, "activation_elements_per_image": elements,
+    return {**other, "macs_per_image": macs, "train_flops_per_image": flops, "activation_elements_per_image": elements,
             "train_bytes_per_image": bytes_per_image, "matmul_tflops": tflops, "copy_gb_per_s": gbps,
             "compute_bound_img_per_s": tflops * 1e12 / flops, "memory_bound_img_per_s": gbps * 1e9 / bytes_per_image,
             "floor_img_per_s": floor}

@@ -43,6 +43,9 @@ def table(results):
     if e:
         rows.append(("end to end", f"train_epoch on DALI raw ({e['model']})", figure(e["img_per_s"]),
                      f"{figure(e['min'])} - {figure(e['max'])}", str(e["batch"])))
+    for key, o in results.get("end_to_end_others", {}).items():
+        rows.append(("end to end", f"train_epoch on DALI raw ({key})", figure(o["img_per_s"]),
+                     f"{figure(o['min'])} - {figure(o['max'])}", str(o["batch"])))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -86,6 +89,10 @@ def table(results):
                   f"end to end reaches **{e['fraction_of_floor']:.1%}** of it",
                   "  (bytes: every conv output saved in forward, read in backward, its gradient written and read, "
                   "at the training dtype, plus the uint8 image)"]
+        if "bf16_matmul_tflops" in lim:
+            lines.append(f"  (bf16 matmul here: {lim['bf16_matmul_tflops'] * 1e3:,.2f} GFLOP/s, "
+                         + ("native bf16)" if lim["bf16"] == "native" else "no native bf16 on this CPU: PyTorch's "
+                            "reference loop, so the CPU trains fp32)"))
     if results.get("traffic"):
         lines.append("- traffic, the compiled training step's bytes per image as Inductor counts them after fusion "
                      "(an estimate, not a timing; bench/traffic.py):")

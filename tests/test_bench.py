@@ -73,6 +73,8 @@ def test_quick_cpu_bench_writes_every_figure(tmp_path, monkeypatch, capsys):
             "inference, compiled fp32 channels_last"} <= set(res["model"])
     assert res["compile"]["compiled fp32 channels_last"]["compiled"] is False and "disagrees" in report
     assert res["end_to_end"]["model"] == "compiled fp32 channels_last"
+    assert set(res["end_to_end_others"]) == set(variants) - {"compiled fp32 channels_last"}  # each CPU row end to end
+    assert res["limit"]["bf16_matmul_tflops"] > 0 and "bf16 matmul here" in report
     assert 0 < res["costs"]["augment draws"]["ms"] < 50 and res["costs"]["epoch start, DALI raw, cpu"]["reset_ms"] > 0
     host = res["costs"]["augmentation host cost, cpu"]
     assert list(host["batches"]) == ["512", "1024", "2048"] and len(host["growth_per_doubling"]) == 2

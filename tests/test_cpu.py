@@ -25,7 +25,8 @@ def relative_error(got, want):
     return ((got.double() - want).abs().max() / want.abs().max()).item()
 
 
-@pytest.mark.parametrize("c, m, dilation, shape", [(32, 1, 2, (2, 8, 8)), (20, 2, 3, (1, 7, 9)), (24, 1, 5, (3, 12, 11))])
+@pytest.mark.parametrize("c, m, dilation, shape",
+                         [(32, 1, 2, (2, 8, 8)), (20, 2, 3, (1, 7, 9)), (24, 1, 5, (3, 12, 11))])
 def test_depthwise_conv_is_f_conv2d_forward_and_both_gradients(c, m, dilation, shape):
     # 20 -> 40 channels and 24: blocks of 16 outputs with a tail; a map narrower than the dilated kernel
     n, h, w = shape
