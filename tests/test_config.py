@@ -4,6 +4,7 @@ import dataclasses
 import pytest
 
 from engine.config import AUGMENT_FIELDS, RECIPES, Config, UserError, augment, check, flag_parser, resolve, resumed
+from net import cpu
 from pipelines import Augment
 
 
@@ -75,10 +76,12 @@ def test_conv_impl_triton_and_fuse_on_where_the_kernels_cannot_run_are_one_line(
         checked(smoke=True, runs=str(tmp_path), conv_impl="triton")
     assert str(e.value).startswith("--conv-impl triton: ") and "use --conv-impl auto or torch" in str(e.value)
     assert checked(smoke=True, runs=str(tmp_path), conv_impl="auto").conv_impl == "auto"  # auto falls back instead
+    assert checked(smoke=True, runs=str(tmp_path), fuse="on").fuse == "on"  # on a CPU: the C++ kernels (net/cpu.py)
+    monkeypatch.setattr(cpu, "available", lambda: "the C++ kernels did not build (CalledProcessError: g++ failed)")
     with pytest.raises(UserError) as e:
         checked(smoke=True, runs=str(tmp_path), fuse="on")
-    assert str(e.value).startswith("--fuse on: the fused kernels run on CUDA")
-    assert "use --fuse auto or off" in str(e.value)
+    assert str(e.value).startswith("--fuse on: the C++ kernels did not build (CalledProcessError: g++ failed); ")
+    assert "use --fuse off" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_an_existing_run_is_not_overwritten(tmp_path):

@@ -134,7 +134,7 @@ def test_fuse_on_checks_every_tensor_in_fp32_with_and_without_dropout_and_says_w
     assert sum("running_var" in n for n in names) == 2 * 12 and any(n.endswith("output") for n in names)
     _, worst, _ = choice.check.worst
     assert worst < 1e-3  # fp32 against float64
-    assert choice.line().startswith("on (--fuse on; checked in fp32 against float64 in ")
+    assert choice.line().startswith("on, Triton kernels (--fuse on; checked in fp32 against float64 in ")
     assert f"{len(names)} tensors agree" in choice.line()
 
 
