@@ -568,7 +568,7 @@ def test_a_fused_run_trains_checkpoints_resumes_exactly_and_evaluates_unfused(tm
     # the same order of every CPU sum in both runs, whatever the other tests keep busy
     r = train_here(*args, "--max-steps", "2", "--name", "whole")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "fused: on (--fuse on; checked in fp32 against float64 in " in r.stdout
+    assert "fused: on, Triton kernels (--fuse on; checked in fp32 against float64 in " in r.stdout
     assert summary(tmp_path / "whole")["fused"]
     assert train_here(*args, "--max-steps", "1", "--name", "cut").returncode == 0
     r = train_here("--resume", tmp_path / "cut", "--max-steps", "2")
