@@ -121,11 +121,60 @@ static void act_backward_apply(const float* da, const float* a, const float* y, 
     }
 }
 
+// The 3x3 convs' loops are written in 8-lane vectors (GCC's and Clang's vector extensions: one AVX register
+// here, two SSE registers or an AVX-512 half elsewhere); the vectoriser left them scalar (the taps' bounds).
+typedef float vec __attribute__((vector_size(32)));
+constexpr int64_t L = 8;
+
+static inline vec load(const float* p) {
+    vec v;
+    std::memcpy(&v, p, sizeof v);  // an unaligned vector load
+    return v;
+}
+
+static inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
+
+// The inputs of L consecutive outputs from output o (p = the input at o / M): each input once (M = 1), or each of
+// four inputs twice (M = 2: outputs 2c and 2c + 1 read input c).
+template <int M>
+static inline vec inputs(const float* p) {
+    if constexpr (M == 1) {
+        return load(p);
+    } else {
+        return vec{p[0], p[0], p[1], p[1], p[2], p[2], p[3], p[3]};
+    }
+}
+
+// sum over m of g[c M + m] w[c M + m] for L consecutive input channels c (g, w at the block's first output).
+template <int M>
+static inline vec per_input(const float* g, const float* w) {
+    if constexpr (M == 1) {
+        return load(g) * load(w);
+    } else {
+        const vec p = load(g) * load(w), q = load(g + L) * load(w + L);
+        return vec{p[0] + p[1], p[2] + p[3], p[4] + p[5], p[6] + p[7], q[0] + q[1], q[2] + q[3], q[4] + q[5],
+                   q[6] + q[7]};
+    }
+}
+
+// The taps of position (h, x) that fall inside the map, at offset sign * (tap - centre) * d: their rows of `base`
+// (row length `row`) and of w. Returns how many.
+static inline int taps(const float* base, int64_t row, const float* w, int64_t w_row, int64_t h, int64_t x,
+                       int64_t H, int64_t W, int64_t d, int64_t sign, const float** rows, const float** weights) {
+    int k = 0;
+    for (int64_t tap = 0; tap < 9; tap++) {
+        const int64_t hh = h + sign * (tap / 3 - 1) * d, xx = x + sign * (tap % 3 - 1) * d;
+        if (hh >= 0 && hh < H && xx >= 0 && xx < W) {
+            rows[k] = base + (hh * W + xx) * row;
+            weights[k++] = w + tap * w_row;
+        }
+    }
+    return k;
+}
+
 // A 3x3 depthwise (M = 1) or grouped C -> 2C (M = 2: output channel o reads input o / 2) conv, dilation d,
 // padding d: y (N, H, W, C M) from a (N, H, W, C) and w (9, C M), tap-major. A position's outputs in blocks of
-// CB channels, each block summed over the taps in registers, then stored once.
-constexpr int64_t CB = 16;
-
+// 2L channels, each summed over the taps in registers, then stored once.
 template <int M>
 static void dw_forward(const float* a, const float* w, float* y, int64_t N, int64_t H, int64_t W, int64_t C,
                        int64_t d) {
@@ -135,27 +184,22 @@ static void dw_forward(const float* a, const float* w, float* y, int64_t N, int6
         for (int64_t h = 0; h < H; h++) {
             for (int64_t x = 0; x < W; x++) {
                 float* out = y + ((n * H + h) * W + x) * CO;
-                const float* in[9];  // each tap's input position, nullptr where it falls in the padding
-                for (int64_t tap = 0; tap < 9; tap++) {
-                    const int64_t hh = h + (tap / 3 - 1) * d, xx = x + (tap % 3 - 1) * d;
-                    in[tap] = hh >= 0 && hh < H && xx >= 0 && xx < W ? a + ((n * H + hh) * W + xx) * C : nullptr;
-                }
-                int64_t o0 = 0;
-                for (; o0 + CB <= CO; o0 += CB) {
-                    float acc[CB] = {};
-                    for (int64_t tap = 0; tap < 9; tap++) {
-                        if (!in[tap]) continue;
-                        const float* src = in[tap] + o0 / M;
-                        const float* wt = w + tap * CO + o0;
-                        for (int64_t o = 0; o < CB; o++) acc[o] += src[o / M] * wt[o];
+                const float *in[9], *wt[9];
+                const int k = taps(a + n * H * W * C, C, w, CO, h, x, H, W, d, 1, in, wt);
+                int64_t o = 0;
+                for (; o + 2 * L <= CO; o += 2 * L) {
+                    vec acc0 = {}, acc1 = {};
+                    for (int t = 0; t < k; t++) {
+                        acc0 += inputs<M>(in[t] + o / M) * load(wt[t] + o);
+                        acc1 += inputs<M>(in[t] + (o + L) / M) * load(wt[t] + o + L);
                     }
-                    for (int64_t o = 0; o < CB; o++) out[o0 + o] = acc[o];
+                    store(out + o, acc0);
+                    store(out + o + L, acc1);
                 }
-                for (; o0 < CO; o0++) {  // widths that are not a multiple of CB
+                for (; o < CO; o++) {  // widths that are not a multiple of 2L
                     float acc = 0.0f;
-                    for (int64_t tap = 0; tap < 9; tap++)
-                        if (in[tap]) acc += in[tap][o0 / M] * w[tap * CO + o0];
-                    out[o0] = acc;
+                    for (int t = 0; t < k; t++) acc += in[t][o / M] * wt[t][o];
+                    out[o] = acc;
                 }
             }
         }
@@ -164,52 +208,36 @@ static void dw_forward(const float* a, const float* w, float* y, int64_t N, int6
 
 // Its backward, an image a thread: da (N, H, W, C), the transposed conv of g (N, H, W, C M); and the weight's
 // gradient per image, dw_partials (N, 9, C M), summed by the caller in image order.
-
 template <int M>
 static void dw_backward(const float* g, const float* a, const float* w, float* da, float* dw_partials, int64_t N,
                         int64_t H, int64_t W, int64_t C, int64_t d) {
     const int64_t CO = C * M;
-    constexpr int64_t CI = CB / M;  // input channels of a block of CB outputs
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const float* g_img = g + n * H * W * CO;
         const float* a_img = a + n * H * W * C;
-        for (int64_t h = 0; h < H; h++) {
-            for (int64_t x = 0; x < W; x++) {
-                // da at (h, x) gathers g from the positions whose tap (i, j) read (h, x)
-                const float* src[9];
-                for (int64_t tap = 0; tap < 9; tap++) {
-                    const int64_t hs = h - (tap / 3 - 1) * d, xs = x - (tap % 3 - 1) * d;
-                    src[tap] = hs >= 0 && hs < H && xs >= 0 && xs < W ? g_img + (hs * W + xs) * CO : nullptr;
-                }
-                float* out = da + ((n * H + h) * W + x) * C;
-                int64_t c0 = 0;
-                for (; c0 + CI <= C; c0 += CI) {
-                    float acc[CI] = {};
-                    for (int64_t tap = 0; tap < 9; tap++) {
-                        if (!src[tap]) continue;
-                        const float* gs = src[tap] + c0 * M;
-                        const float* wt = w + tap * CO + c0 * M;
-                        for (int64_t c = 0; c < CI; c++)
-                            for (int64_t m = 0; m < M; m++) acc[c] += gs[c * M + m] * wt[c * M + m];
-                    }
-                    for (int64_t c = 0; c < CI; c++) out[c0 + c] = acc[c];
-                }
-                for (; c0 < C; c0++) {
-                    float acc = 0.0f;
-                    for (int64_t tap = 0; tap < 9; tap++)
-                        if (src[tap])
-                            for (int64_t m = 0; m < M; m++) acc += src[tap][c0 * M + m] * w[tap * CO + c0 * M + m];
-                    out[c0] = acc;
-                }
-            }
-        }
-        // the weight's gradient: g at (h, x) times what each tap read there, summed over the image in dw's nine
-        // rows of CO (L1-resident: 9 KB at 256 channels)
         float* dw = dw_partials + n * 9 * CO;
         std::memset(dw, 0, 9 * CO * sizeof(float));
         for (int64_t h = 0; h < H; h++) {
             for (int64_t x = 0; x < W; x++) {
+                // da at (h, x) gathers g from the positions whose tap read (h, x)
+                const float *src[9], *wt[9];
+                const int k = taps(g_img, CO, w, CO, h, x, H, W, d, -1, src, wt);
+                float* out = da + ((n * H + h) * W + x) * C;
+                int64_t c = 0;
+                for (; c + L <= C; c += L) {
+                    vec acc = {};
+                    for (int t = 0; t < k; t++) acc += per_input<M>(src[t] + c * M, wt[t] + c * M);
+                    store(out + c, acc);
+                }
+                for (; c < C; c++) {
+                    float acc = 0.0f;
+                    for (int t = 0; t < k; t++)
+                        for (int64_t m = 0; m < M; m++) acc += src[t][c * M + m] * wt[t][c * M + m];
+                    out[c] = acc;
+                }
+                // the weight's gradient: g at (h, x) times what each tap read there, summed over the image in dw's
+                // nine rows of CO (L1-resident: 9 KB at 256 channels)
                 const float* gr = g_img + (h * W + x) * CO;
                 for (int64_t tap = 0; tap < 9; tap++) {
                     const int64_t hh = h + (tap / 3 - 1) * d, xx = x + (tap % 3 - 1) * d;
