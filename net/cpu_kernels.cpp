@@ -24,24 +24,30 @@ static inline uint32_t mix(uint32_t key, uint32_t s) {
     return x;
 }
 
-// Per-channel sum and sum of squares of y (P, C), rows in blocks of R: partials (blocks, 2, C).
-static void bn_stats(const float* y, float* partials, int64_t P, int64_t C, int64_t R) {
+// Two per-channel sums over P rows of C, in blocks of R rows: partials (blocks, 2, C). add_row(r, first, second)
+// adds row r's terms to the block's two sums.
+template <class AddRow>
+static void block_sums(float* partials, int64_t P, int64_t C, int64_t R, AddRow add_row) {
     const int64_t blocks = (P + R - 1) / R;
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
-        float* sum = partials + b * 2 * C;
-        float* sumsq = sum + C;
-        std::memset(sum, 0, 2 * C * sizeof(float));
+        float* first = partials + b * 2 * C;
+        std::memset(first, 0, 2 * C * sizeof(float));
         const int64_t end = b * R + R < P ? b * R + R : P;
-        for (int64_t r = b * R; r < end; r++) {
-            const float* row = y + r * C;
-#pragma omp simd
-            for (int64_t c = 0; c < C; c++) {
-                sum[c] += row[c];
-                sumsq[c] += row[c] * row[c];
-            }
-        }
+        for (int64_t r = b * R; r < end; r++) add_row(r, first, first + C);
     }
+}
+
+// Per-channel sum and sum of squares of y (P, C).
+static void bn_stats(const float* y, float* partials, int64_t P, int64_t C, int64_t R) {
+    block_sums(partials, P, C, R, [=](int64_t r, float* sum, float* sumsq) {
+        const float* row = y + r * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; c++) {
+            sum[c] += row[c];
+            sumsq[c] += row[c] * row[c];
+        }
+    });
 }
 
 // a = relu(s y + t) * keep * scale: BatchNorm as s, t per channel, ReLU, dropout. keep: unless the hash of the
@@ -78,29 +84,19 @@ static void act_forward(const float* y, const float* s, const float* t, float* a
 }
 
 // The gradient through act_forward to its pre-activation, g = da * scale where a > 0 (ReLU and dropout's masks
-// are a's zeros), reduced per block of R rows: partials (blocks, 2, C) of sum(g) and sum(g y).
+// are a's zeros): partials of sum(g) and sum(g y).
 static void act_backward_sums(const float* da, const float* a, const float* y, float* partials, int64_t P,
                               int64_t C, int64_t R, float scale) {
-    const int64_t blocks = (P + R - 1) / R;
-#pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-        float* sg = partials + b * 2 * C;
-        float* sgy = sg + C;
-        std::memset(sg, 0, 2 * C * sizeof(float));
-        const int64_t end = b * R + R < P ? b * R + R : P;
-        for (int64_t r = b * R; r < end; r++) {
-            const float* dar = da + r * C;
-            const float* ar = a + r * C;
-            const float* yr = y + r * C;
+    block_sums(partials, P, C, R, [=](int64_t r, float* sg, float* sgy) {
+        const float *dar = da + r * C, *ar = a + r * C, *yr = y + r * C;
 #pragma omp simd
-            for (int64_t c = 0; c < C; c++) {
-                const float v = dar[c] * scale;  // loaded unconditionally: a select, no branch
-                const float g = ar[c] > 0.0f ? v : 0.0f;
-                sg[c] += g;
-                sgy[c] += g * yr[c];
-            }
+        for (int64_t c = 0; c < C; c++) {
+            const float v = dar[c] * scale;  // loaded unconditionally: a select, no branch
+            const float g = ar[c] > 0.0f ? v : 0.0f;
+            sg[c] += g;
+            sgy[c] += g * yr[c];
         }
-    }
+    });
 }
 
 // BatchNorm's backward through its batch statistics, per element: dy = k1 g + k2 y + k3 (per channel), g as above.
