@@ -491,6 +491,15 @@ _autotuners = {}  # kind -> its kernel under triton.autotune, made at the first 
 _narrow_bits = False  # the interpreter makes keep bits as the GPU does, a bit at a time (a test sets it)
 
 
+MAX_NUMEL = 2**20  # Triton's largest tensor: an interpreted tile's positions are capped to stay within it
+
+
+def interpreted_positions(positions, channels):
+    """The positions a tile `channels` wide takes at once in the interpreter: all of them, up to Triton's limit
+    (the kernels loop over the rest)."""
+    return min(positions, MAX_NUMEL // triton.next_power_of_2(channels))
+
+
 def interpreted_tile(kind, extent):
     """Under the interpreter, whose cost is per program and per operation, not per element: one wide tile, each
     block the power of two that covers `extent` (block -> the size it spans)."""
@@ -585,7 +594,7 @@ def dw_forward(y_prev, s, t, keep, weight, dilation):
     _launch("dw_forward", lambda b: (blocks, tiles, cdiv(c_in, b["BLOCK_C"])),
             (nhwc(y_prev), s, t, keep, weight.contiguous(), y, stats, positions, h, w, c_in, dilation, per_tile),
             dict(M=c_out // c_in, DROPOUT=keep.numel() > 0, EVEN_C=c_in % 32 == 0),
-            dict(BLOCK_P=per_tile, BLOCK_C=c_in))
+            dict(BLOCK_P=interpreted_positions(per_tile, c_out), BLOCK_C=c_in))
     return (y, *_stats(stats))
 
 
@@ -600,7 +609,7 @@ def dw_backward(dy, dsum, dsumsq, y, y_prev, s, t, keep, weight, dilation):
             (nhwc(y_prev), s, t, keep, weight.contiguous(), nhwc(y), nhwc(dy), dsum, dsumsq, dy_prev, partials,
              positions, h, w, c_in, dilation, per_tile),
             dict(M=c_out // c_in, DROPOUT=keep.numel() > 0, EVEN_C=c_in % 32 == 0),
-            dict(BLOCK_P=per_tile, BLOCK_C=c_in))
+            dict(BLOCK_P=interpreted_positions(per_tile, c_out), BLOCK_C=c_in))
     dw = partials[:, :9 * c_out].sum(0).view(weight.shape)
     return dy_prev, partials[:, 9 * c_out:9 * c_out + c_in].sum(0), partials[:, 9 * c_out + c_in:].sum(0), dw
 
@@ -644,7 +653,8 @@ def pw_backward(dy, dsum, dsumsq, y, y_prev, s, t, keep, weight):
     dw = torch.empty((splits, c_out, c_in), dtype=torch.float32, device=y.device)
     _launch("pw_wgrad", lambda b: (cdiv(c_out, b["BLOCK_M"]), cdiv(c_in, b["BLOCK_N"]), splits),
             (y, dy, dsum, dsumsq, y_prev, s, t, keep, dw, positions, c_in, c_out, per_split),
-            dict(DROPOUT=dropout, DOT_F32=dot_f32(y)), dict(BLOCK_M=c_out, BLOCK_N=c_in, BLOCK_K=per_split))
+            dict(DROPOUT=dropout, DOT_F32=dot_f32(y)),
+            dict(BLOCK_M=c_out, BLOCK_N=c_in, BLOCK_K=interpreted_positions(per_split, max(c_in, c_out))))
     return dy_prev, ds, dt, dw.sum(0).view(weight.shape)
 
 

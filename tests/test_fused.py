@@ -238,6 +238,17 @@ def test_each_op_forward_and_backward_matches_its_definition(kind, c_in, c_out, 
                                      device="cpu", dilation=dilation or 1, tolerance=1e-5)
 
 
+@interpreted
+@pytest.mark.long  # a batch past Triton's tensor limit: seconds a case in the interpreter
+@pytest.mark.parametrize("kind, c_in, c_out, dilation", [("dw", 128, 256, 4), ("pw", 256, 256, None)])
+def test_each_op_past_tritons_tensor_limit_in_the_interpreter(kind, c_in, c_out, dilation):
+    """Batch 5 at 32x32: 5,120 positions x 256 channels, past Triton's 2^20 elements a tensor, which a tile of all
+    the positions (the interpreter's) exceeded; its tiles are now capped there and the kernels loop over the rest."""
+    assert 5 * 32 * 32 * c_out > fused.MAX_NUMEL
+    assert_op_matches_its_definition(kind, n=5, c_in=c_in, c_out=c_out, size=32, dtype=torch.float32, p=0.3,
+                                     device="cpu", dilation=dilation or 1, tolerance=1e-5)
+
+
 CUDA_OPS = [("dw", 128, 256, 4), ("dw", 256, 256, 5), ("dw", 32, 32, 2), ("pw", 256, 256, None),
             ("pw", 32, 32, None), ("pool", 256, 256, None)]
 
