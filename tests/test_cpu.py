@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import train_here
 
 from engine.config import Config, resolve
 from engine.convs import check_fused, choose_fused
@@ -176,3 +177,20 @@ def test_eval_runs_the_kernels_with_the_running_statistics(cpu_path):
         model.fused = True
         got = model(x)
     assert relative_error(got, want.double()) < 1e-4
+
+
+def test_a_fused_cpu_run_resumes_to_the_same_weights_bit_for_bit(cpu_path, tmp_path):
+    """The trainer on the C++ kernels (--fuse auto on a CPU), dropout on: three steps straight, and one step then
+    resumed for two: the same weights to the bit (dropout's seeds come from the generator the checkpoint keeps, the
+    kernels' sums are in a fixed order). One thread in both, as a resume keeps the run's count."""
+    args = ["--smoke", "--recipe", "seed", "--limit-train", "48", "--batch-size", "16", "--limit-test", "16",
+            "--bn-reestimate", "0", "--threads", "1", "--runs", tmp_path]
+    r = train_here(*args, "--max-steps", "3", "--name", "whole")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "fused: on, C++ kernels (--fuse auto; checked in fp32 against float64" in r.stdout
+    assert train_here(*args, "--max-steps", "1", "--name", "cut").returncode == 0
+    r = train_here("--resume", tmp_path / "cut", "--max-steps", "3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    whole, cut = (torch.load(tmp_path / name / "last.pt", weights_only=True)["model"] for name in ("whole", "cut"))
+    for key, value in whole.items():
+        assert torch.equal(cut[key], value), key
