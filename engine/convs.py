@@ -342,7 +342,7 @@ def choose_fused(model, env, want, *, batch, compiled=False, mode="default"):
             choice.check = check_fused(model, env)
         if choice.check.failed:
             choice.why += ": the fused path disagrees with the unfused model, so unfused"
-        elif want == "on" or choice.path == "C++ kernels":  # on a CPU the unfused step is 7-8x slower: no timing
+        elif want == "on" or choice.path == "C++ kernels":  # on a CPU the unfused step is 5-7x slower: no timing
             choice.fused = True
         else:
             choice.ms = time_steps(model, env, batch=batch, compiled=compiled, mode=mode)

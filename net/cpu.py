@@ -91,6 +91,22 @@ def _partial_sums(partials):
     return total[0], total[1]
 
 
+def batch_statistics(bn, total, total_sq, count):
+    """(mean, biased variance) per channel: in training the batch's, from its sums of y and y^2 over `count` values,
+    with `bn`'s running statistics updated as nn.BatchNorm2d updates them (momentum, or a cumulative average where
+    it is None; the unbiased variance; num_batches_tracked); in eval the running statistics."""
+    if not bn.training:
+        return bn.running_mean, bn.running_var
+    mean = total / count
+    var = (total_sq / count - mean * mean).clamp_min(0)  # E[y^2] - E[y]^2 rounds below 0 at times
+    with torch.no_grad():
+        bn.num_batches_tracked.add_(1)
+        factor = bn.momentum if bn.momentum is not None else (1 / bn.num_batches_tracked).to(mean)  # no host sync
+        bn.running_mean.lerp_(mean.detach(), factor)
+        bn.running_var.lerp_(var.detach() * (count / max(count - 1, 1)), factor)
+    return mean, var
+
+
 def _check(x):
     assert x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous(), (x.dtype, x.device, x.stride())
     return x
@@ -106,19 +122,12 @@ class BatchNormAct(torch.autograd.Function):
     def forward(ctx, y, weight, bias, bn, seed, layer, p):
         n, h, w, c = y.shape
         count = n * h * w
+        total = total_sq = None
         if bn.training:
             partials = torch.empty(-(-count // ROWS), 2, c)
             kernel("bn_stats")(_check(y), partials, count, c, ROWS)
             total, total_sq = _partial_sums(partials)
-            mean = total / count
-            var = (total_sq / count - mean * mean).clamp_min(0)  # E[y^2] - E[y]^2 rounds below 0 at times
-            bn.num_batches_tracked.add_(1)
-            # momentum None: a cumulative average, as nn.BatchNorm2d keeps it (BatchNorm's re-estimation does)
-            factor = bn.momentum if bn.momentum is not None else 1 / bn.num_batches_tracked.item()
-            bn.running_mean.lerp_(mean, factor)
-            bn.running_var.lerp_(var * (count / max(count - 1, 1)), factor)
-        else:
-            mean, var = bn.running_mean, bn.running_var
+        mean, var = batch_statistics(bn, total, total_sq, count)
         rstd = torch.rsqrt(var + bn.eps)
         s = (weight * rstd).contiguous()
         t = (bias - mean * s).contiguous()

@@ -826,17 +826,9 @@ fused_pool_op.register_autograd(_pool_grad, setup_context=_setup_pool)
 
 def batch_norm_coefficients(bn, total, total_sq, count):
     """(s, t) with BatchNorm(y) = s * y + t per channel, from the batch's per-channel sums of y and y^2 over
-    `count` values in training (the running statistics updated as nn.BatchNorm2d does: momentum, the unbiased
-    variance, num_batches_tracked), from the running statistics in eval. Tiny tensors, left to autograd."""
-    if bn.training:
-        mean = total / count
-        var = (total_sq / count - mean * mean).clamp_min(0)  # E[y^2] - E[y]^2 rounds below 0 at times
-        with torch.no_grad():
-            bn.num_batches_tracked.add_(1)
-            bn.running_mean.lerp_(mean, bn.momentum)
-            bn.running_var.lerp_(var * (count / (count - 1)), bn.momentum)
-    else:
-        mean, var = bn.running_mean, bn.running_var
+    `count` values (`net.cpu.batch_statistics`: the running statistics updated in training). Tiny tensors, left to
+    autograd."""
+    mean, var = cpu.batch_statistics(bn, total, total_sq, count)
     s = bn.weight * torch.rsqrt(var + bn.eps)
     return s, bn.bias - mean * s
 
