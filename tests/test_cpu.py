@@ -183,7 +183,7 @@ def test_a_fused_cpu_run_resumes_to_the_same_weights_bit_for_bit(cpu_path, tmp_p
     """The trainer on the C++ kernels (--fuse auto on a CPU), dropout on: three steps straight, and one step then
     resumed for two: the same weights to the bit (dropout's seeds come from the generator the checkpoint keeps, the
     kernels' sums are in a fixed order). One thread in both, as a resume keeps the run's count."""
-    args = ["--smoke", "--recipe", "seed", "--limit-train", "48", "--batch-size", "16", "--limit-test", "16",
+    args = ["--smoke", "--recipe", "seed", "--limit-train", "24", "--batch-size", "8", "--limit-test", "8",
             "--bn-reestimate", "0", "--threads", "1", "--runs", tmp_path]
     r = train_here(*args, "--max-steps", "3", "--name", "whole")
     assert r.returncode == 0, r.stderr[-3000:]

@@ -239,7 +239,7 @@ def test_each_op_forward_and_backward_matches_its_definition(kind, c_in, c_out, 
 
 
 @interpreted
-@pytest.mark.long  # a batch past Triton's tensor limit: seconds a case in the interpreter
+@pytest.mark.slow  # a batch past Triton's tensor limit: 2-8 s a case in the interpreter
 @pytest.mark.parametrize("kind, c_in, c_out, dilation", [("dw", 128, 256, 4), ("pw", 256, 256, None)])
 def test_each_op_past_tritons_tensor_limit_in_the_interpreter(kind, c_in, c_out, dilation):
     """Batch 5 at 32x32: 5,120 positions x 256 channels, past Triton's 2^20 elements a tensor, which a tile of all
