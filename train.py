@@ -45,12 +45,15 @@ def parse_config(argv=None):
 
 # --- data and loaders ---------------------------------------------------------------------------
 
-def make_loaders(cfg, env, train, test):
+def make_loaders(cfg, env, train, test, val=None):
+    """(train loader, test loader, val loader or None)."""
     if len(train[1]) // env.world < env.batch:
         raise UserError(f"{cfg.data} has {len(train[1])} train images, fewer than one batch of {cfg.batch_size} per "
                         f"step; lower --batch-size, or train on more images")
-    return (make_loader(*train, batch_size=env.batch, train=True, augment=augment(cfg), **env.loader_args(cfg.seed)),
-            make_loader(*test, batch_size=cfg.eval_batch_size, train=False, **env.loader_args(cfg.seed)))
+    evaluated = [make_loader(*images, batch_size=cfg.eval_batch_size, train=False, **env.loader_args(cfg.seed))
+                 if images else None for images in (test, val)]
+    return make_loader(*train, batch_size=env.batch, train=True, augment=augment(cfg),
+                       **env.loader_args(cfg.seed)), *evaluated
 
 
 def short_run(cfg, env, model, train, total):
@@ -105,10 +108,11 @@ def run(cfg, ckpt, notes, env, stop, run_dir):
     log = Logger(cfg, env) if env.master else NullLogger()
     torch.manual_seed(cfg.seed)
     train, test = load_split(cfg, "train"), load_split(cfg, "test")  # 3. data
+    val = load_split(cfg, "val") if cfg.val else None  # held out of train: what a sweep chooses by
     data = fingerprint(*train)
     if ckpt:  # other data than the run trained on: refused unless --allow-other-data
         notes.append(same_data(ckpt.get("data"), data, cfg))
-    train_loader, test_loader = make_loaders(cfg, env, train, test)
+    train_loader, test_loader, val_loader = make_loaders(cfg, env, train, test, val)
     steps_per_epoch = len(train_loader)
     model = build_model(dropout=cfg.dropout).to(env.device, memory_format=env.memory_format)  # 4. model & co
     optimizer = make_optimizer(cfg, model)
@@ -135,7 +139,7 @@ def run(cfg, ckpt, notes, env, stop, run_dir):
 
     stop.arm()  # from here a stop saves where it is
     log.start(run_dir, model, schedule, steps_per_epoch, state, notes + [short] + convs.notes, compile_check, convs,
-              sizes=(len(train[1]), len(test[1])), fuse=fuse)
+              sizes=(len(train[1]), len(test[1]), len(val[1]) if val else 0), fuse=fuse)
     if not ckpt:
         picks = one_per_class(test[1], cfg.seed)
         log.augmentations(pixels(test[0], picks), [CLASSES[c] for c in test[1][picks]])
@@ -158,7 +162,8 @@ def run(cfg, ckpt, notes, env, stop, run_dir):
         resuming, improved = False, False
         if part["end"] == end:  # the epoch's end, or the run's inside it (--max-steps): evaluate
             row, confusion, improved = finish_epoch(cfg, env, compile_check.model, test_loader, schedule, state, epoch,
-                                                    whole=end == steps_per_epoch, recalibrate=recalibrate, ema=ema)
+                                                    whole=end == steps_per_epoch, recalibrate=recalibrate, ema=ema,
+                                                    val_loader=val_loader)
         save("last.pt")  # wherever the part ended: a stop, a checkpoint due, or an epoch's end
         clock.saved()
         if improved:
@@ -174,10 +179,11 @@ def run(cfg, ckpt, notes, env, stop, run_dir):
     return 0
 
 
-def finish_epoch(cfg, env, model, test_loader, schedule, state, epoch, whole=True, recalibrate=None, ema=None):
+def finish_epoch(cfg, env, model, test_loader, schedule, state, epoch, whole=True, recalibrate=None, ema=None,
+                 val_loader=None):
     """Reduce the epoch's totals over ranks, [re-estimate BatchNorm,] evaluate (the weights' average
-    too, with --ema), step a per-epoch schedule, record the epoch in `state` (`whole` False: the run
-    ended inside it): (row, confusion, improved)."""
+    too, with --ema; on the --val images too), step a per-epoch schedule, record the epoch in `state`
+    (`whole` False: the run ended inside it): (row, confusion, improved)."""
     p = state.partial
     totals = torch.tensor([p["loss_sum"], p["correct"], p["images"]], dtype=torch.float64, device=env.device)
     t_eval = time.perf_counter()
@@ -190,6 +196,8 @@ def finish_epoch(cfg, env, model, test_loader, schedule, state, epoch, whole=Tru
     loss_sum, correct, images = totals.tolist()  # sync: once per epoch
     test_loss, test_acc, confusion = evaluate(model, test_loader, env)
     averaged = {}
+    if val_loader:  # the raw weights only: what the sweep ranks by
+        averaged["val_loss"], averaged["val_acc"], _ = evaluate(model, val_loader, env)
     if ema:  # every rank holds the same average (same weights, same steps): nothing to broadcast
         if recalibrate:
             recalibrate(ema.model)

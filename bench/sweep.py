@@ -9,8 +9,11 @@ that a sweep cut short still compares every variant. --budget-s N: past N second
 SIGTERM (they save and stop, as train.py does) and the sweep reports what it has. The same command again
 skips finished runs and resumes cut ones. The runs share one compile cache (DIR/.cache).
 
-As each run ends, DIR/sweep.md and DIR/sweep.json are rewritten: one row per variant, ranked by mean final
-test accuracy (engine/results.py groups the runs), with the mean test accuracy after each epoch below;
+As each run ends, and after each epoch of a running one, DIR/sweep.md and DIR/sweep.json are rewritten: one row
+per variant, ranked by mean final validation accuracy where the runs hold images out (`--val N` in the plan:
+choosing by test accuracy and then reporting it overstates it), by mean final test accuracy otherwise
+(engine/results.py groups the runs); a variant none of whose runs has finished shows its furthest run's last
+epoch, marked partial; below, the mean accuracy after each epoch, partial runs included, to compare at equal epochs;
 each run's console output is in DIR/logs/, and `make tensorboard LOGDIR=DIR` overlays every run's curves.
 A plan with a mistake (an unknown flag, a bad value, a name used twice) is one line naming the line,
 exit 2, before anything runs.
@@ -154,7 +157,7 @@ class Sweep:
         self.env = {**{k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")},
                     "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton"),
                     "PYTHONUNBUFFERED": "1"}
-        self.signum = None
+        self.signum, self.seen = None, {}
 
     def command(self, variant, seed, name):
         resume = self.state[name] == "cut"
@@ -201,6 +204,8 @@ class Sweep:
                         log.close()
                         del running[name]
                         self.finished(name, proc.returncode, time.monotonic() - started)
+                    elif self.new_epoch(name):  # the table follows a long run epoch by epoch
+                        self.report()
                 time.sleep(0.2)
         finally:
             for s, handler in handlers.items():
@@ -218,6 +223,13 @@ class Sweep:
     def stop(self, signum, frame):
         self.signum = signum
 
+    def new_epoch(self, name):
+        """Whether run `name`'s summary.json changed since last asked (it is rewritten after each epoch)."""
+        summary = self.runs / name / "summary.json"
+        mtime = summary.stat().st_mtime_ns if summary.exists() else None
+        changed, self.seen[name] = mtime != self.seen.get(name), mtime
+        return changed and mtime is not None
+
     def finished(self, name, code, seconds):
         summary = self.runs / name / "summary.json"
         complete = code == 0 and summary.exists() and json.loads(summary.read_text())["complete"]
@@ -231,10 +243,12 @@ class Sweep:
         self.report()
 
     def report(self):
-        """DIR/sweep.json and DIR/sweep.md from every finished run of the plan, rewritten whole."""
+        """DIR/sweep.json and DIR/sweep.md from the plan's runs, rewritten whole: the finished ones, and for a
+        variant with none finished its furthest run so far (`partial`)."""
         names = {name: variant for variant, _, name in self.jobs}
-        runs = [json.loads((self.runs / name / "summary.json").read_text()) | {"run": name}
-                for name in names if self.state[name] == "done"]
+        summaries = {name: json.loads((self.runs / name / "summary.json").read_text()) | {"run": name}
+                     for name in names if (self.runs / name / "summary.json").exists()}
+        runs = [summaries[name] for name in names if self.state[name] == "done"]
         groups = {g["label"]: g for g in group_runs(runs, key=lambda r: names[r["run"]])}
         rows = []
         for variant, words in self.plan.variants.items():
@@ -243,9 +257,19 @@ class Sweep:
             rows.append({"variant": variant, "flags": shlex.join(words),
                          "runs": {k: states.count(k) for k in ("done", "cut", "failed", "new")},
                          **{k: v for k, v in g.items() if k not in ("settings", "label")}})
-        rows.sort(key=lambda r: -(r["final"][0] if r["n"] else -1))
+            unfinished = [s for name, s in summaries.items() if names[name] == variant and self.state[name] != "done"
+                          and s["history"]]
+            if not g["n"] and unfinished:
+                furthest = max(unfinished, key=lambda s: len(s["history"]))
+                h = furthest["history"]
+                rows[-1]["partial"] = {"run": furthest["run"], "epoch": h[-1]["epoch"],
+                                       "epochs": furthest["config"]["epochs"], "test_acc": h[-1]["test_acc"],
+                                       "val_acc": h[-1].get("val_acc"), "curve": [e["test_acc"] for e in h],
+                                       "val_curve": [e["val_acc"] for e in h if "val_acc" in e]}
+        by = "final_val" if any(r["n"] and r["final_val"][0] is not None for r in rows) else "final"
+        rows.sort(key=lambda r: -(r[by][0] if r["n"] and r[by][0] is not None else -1))  # stable: the rest as planned
         target = next(iter(self.planned.values())).target_acc
-        data = {"plan": str(self.plan.path), "runs": str(self.runs), "seeds": self.plan.seeds,
+        data = {"plan": str(self.plan.path), "runs": str(self.runs), "seeds": self.plan.seeds, "ranked_by": by,
                 "common": shlex.join(self.plan.common), "target_acc": target,
                 "updated": datetime.datetime.now().isoformat(timespec="seconds"), "variants": rows}
         write_json(data, self.runs / "sweep.json")
@@ -253,31 +277,40 @@ class Sweep:
 
 
 def sweep_markdown(data):
-    """The ranked table, then the mean test accuracy after each epoch, as Markdown."""
+    """The ranked table, then the mean accuracy after each epoch (validation, then test), as Markdown."""
     pct = ".2%"
-    head = ("rank", "variant", "flags", "n", "final acc", "best acc", "final, flip TTA",
-            f"reached {data['target_acc']:.0%}",
-            "epochs to it", "seconds to it", "img/s", "runs")
+    head = ("rank", "variant", "flags", "n", "final val acc", "final test acc", "best test acc", "final, flip TTA",
+            f"reached {data['target_acc']:.0%}", "epochs to it", "seconds to it", "img/s", "runs")
     table = [head]
     for i, r in enumerate(data["variants"], 1):
         runs = ", ".join(f"{n} {k if k != 'new' else 'to run'}" for k, n in r["runs"].items() if n)
         if not r["n"]:
-            table.append((str(i), r["variant"], r["flags"] or "—", "0", *["—"] * 7, runs))
+            p = r.get("partial")
+            at = (lambda acc: f"partial: {acc:.2%} at epoch {p['epoch']} of {p['epochs']}" if acc is not None
+                  else "—") if p else (lambda acc: "—")
+            table.append(("—", r["variant"], r["flags"] or "—", "0", at(p and p["val_acc"]), at(p and p["test_acc"]),
+                          *["—"] * 6, runs))
             continue
-        table.append((str(i), r["variant"], r["flags"] or "—", str(r["n"]), number(r["final"], pct),
-                      number(r["best"], pct),
+        table.append((str(i), r["variant"], r["flags"] or "—", str(r["n"]), number(r["final_val"], pct),
+                      number(r["final"], pct), number(r["best"], pct),
                       number(r["final_tta"], pct), f"{r['reached']} of {r['n']}", number(r["epochs_to_target"], ".1f"),
                       number(r["seconds_to_target"], ",.0f"), number(r["img_per_s"], ",.0f"), runs))
-    epochs = max([len(r.get("curve", [])) for r in data["variants"]] + [0])
-    curves = [("variant", *(str(e) for e in range(1, epochs + 1)))]
-    curves += [(r["variant"], *(f"{a:.1%}" if a is not None else "—" for a in r["curve"]),
-                *["—"] * (epochs - len(r["curve"]))) for r in data["variants"] if r.get("curve")]
+    ranked = "validation" if data["ranked_by"] == "final_val" else "test"
     lines = [f"# Sweep: {data['plan']}", "",
              f"Runs in `{data['runs']}` (curves: `make tensorboard LOGDIR={data['runs']}`); seeds {data['seeds']}; "
-             f"every variant with `{data['common'] or 'no common flags'}`; ranked by mean final test accuracy, "
-             f"mean ± std over the finished runs; updated {data['updated']}.", "", markdown_table(table)]
-    if epochs:
-        lines += ["", "Mean test accuracy after each epoch:", "", markdown_table(curves)]
+             f"every variant with `{data['common'] or 'no common flags'}`; ranked by mean final {ranked} accuracy, "
+             f"mean ± std over the finished runs (unranked: none finished yet); updated {data['updated']}.", "",
+             markdown_table(table)]
+    for key, what in (("val_curve", "validation"), ("curve", "test")):
+        curves = [(r["variant"], r[key]) for r in data["variants"] if r.get(key)]
+        curves += [(f"{r['variant']} (partial: {r['partial']['run']})", r["partial"][key])
+                   for r in data["variants"] if not r["n"] and r.get("partial", {}).get(key)]
+        epochs = max([len(c) for _, c in curves] + [0])
+        if epochs:
+            rows = [("variant", *(str(e) for e in range(1, epochs + 1)))]
+            rows += [(name, *(f"{a:.1%}" if a is not None else "—" for a in c), *["—"] * (epochs - len(c)))
+                     for name, c in curves]
+            lines += ["", f"Mean {what} accuracy after each epoch:", "", markdown_table(rows)]
     return "\n".join(lines)
 
 

@@ -77,6 +77,10 @@ class Config:
                                  metadata={"help": "1000 divides 10,000: one shape for the compiled model"})
     limit_train: int = field(default=None, metadata={"help": "train on a class-balanced sample of this many images"})
     limit_test: int = field(default=None, metadata={"help": "evaluate on a class-balanced sample of this many images"})
+    val: int = field(default=0, metadata={
+        "help": "hold out this many train images as a validation set, evaluated every epoch beside the test set: "
+                "class-balanced and the same images for every run and --seed, so a sweep ranks its variants on them "
+                "(5000 is usual; default 0: train on all)"})
     max_steps: int = field(default=None,
                            metadata={"help": "stop after this many optimizer steps; the schedule ends there"})
     seed: int = field(default=0,
@@ -170,6 +174,8 @@ def check(cfg):
     for key in ("epochs", "batch_size", "eval_batch_size", "log_every", "limit_train", "limit_test", "max_steps"):
         if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             raise UserError(f"{flag(key)} must be at least 1, not {getattr(cfg, key)}")
+    if cfg.val < 0:
+        raise UserError(f"--val is a number of images, at least 0, not {cfg.val}")
     if cfg.lr <= 0:
         raise UserError(f"--lr must be positive, not {cfg.lr}")
     if not 0 <= cfg.dropout < 1 or not 0 <= cfg.label_smoothing < 1:

@@ -25,7 +25,7 @@ from .run import run_facts
 STEP_TAGS = {"loss": "loss/train_step", "acc": "accuracy/train_step", "lr": "lr/step",
              "img_per_s": "throughput/step_img_per_s"}
 EPOCH_TAGS = {"train_loss": "loss/train", "test_loss": "loss/test", "train_acc": "accuracy/train",
-              "test_acc": "accuracy/test",
+              "test_acc": "accuracy/test", "val_loss": "loss/val", "val_acc": "accuracy/val",  # with --val
               "ema_test_loss": "loss/test_ema", "ema_test_acc": "accuracy/test_ema",  # with --ema
               "lr": "lr/epoch", "img_per_s": "throughput/train_img_per_s", "epoch_s": "time/epoch_s"}
 COST_NOTICE_S = 900  # a CPU run longer than a quarter of an hour is told of the short run below
@@ -49,7 +49,7 @@ class Logger:
                       "eager_error": check.eager_error, "convs": convs.impl, "conv_errors": convs.errors,
                       "conv_ms": convs.ms, "conv_tiles": convs.tiles,
                       "fused": fuse.fused, "fuse": fuse.line(),
-                      "train_images": sizes[0], "test_images": sizes[1]}
+                      "train_images": sizes[0], "test_images": sizes[1], "val_images": sizes[2]}
         self.memory = train_memory_bytes(model, env.batch)
         self.writer = SummaryWriter(run_dir, flush_secs=10)  # curves show up while the first epoch runs
         print(f"device: {self.facts['device']} x {env.world}, {env.precision_and_layout}, params "
@@ -61,6 +61,9 @@ class Logger:
             print(f"conv tiles: {convs.tiles_line()}")
         print(f"fused: {fuse.line()}")
         print(f"threads: torch {env.threads}, DALI {env.dali_threads} ({env.threads_why})")
+        print(f"data: {sizes[0]:,} train images"
+              + (f", {sizes[2]:,} held out of them for validation (--val)" if sizes[2] else "")
+              + f", {sizes[1]:,} test images")
         print(f"augmentation: {augment(cfg).describe()}")
         for note in notes + [check.note, schedule.note]:
             if note:
@@ -104,7 +107,9 @@ class Logger:
         self.writer.add_scalar("accuracy/best_test", state.best_acc, row["epoch"])
         self.summary(state, complete=False)
         self.bar.write(f"epoch {row['epoch']:3d}/{self.cfg.epochs} | train loss {row['train_loss']:.3f} "
-                       f"acc {row['train_acc']:6.2%} | test loss {row['test_loss']:.3f} acc {row['test_acc']:6.2%} | "
+                       f"acc {row['train_acc']:6.2%} | "
+                       + (f"val acc {row['val_acc']:6.2%} | " if "val_acc" in row else "")
+                       + f"test loss {row['test_loss']:.3f} acc {row['test_acc']:6.2%} | "
                        + (f"ema acc {row['ema_test_acc']:6.2%} | " if "ema_test_acc" in row else "")
                        + f"lr {row['lr']:.2e} | {row['img_per_s']:8,.0f} img/s | {row['epoch_s']:5.1f} s"
                        + (f" (resumed at step {row['resumed_at_step']})" if "resumed_at_step" in row else "")
@@ -116,6 +121,7 @@ class Logger:
                     "best_acc": state.best_acc, "best_weights": state.best_weights,
                     "final_acc": h[-1]["test_acc"] if h else None, "final_tta_acc": tta,
                     "final_ema_acc": h[-1].get("ema_test_acc") if h else None,
+                    "final_val_acc": h[-1].get("val_acc") if h else None,
                     "epochs_run": len(h), "steps": state.step, "wall_s": state.wall_s, "train_s": state.train_s,
                     "mean_train_img_per_s": float(np.mean([e["img_per_s"] for e in h])) if h else None,
                     "target_acc": self.cfg.target_acc, "epoch_to_target": state.target_epoch,

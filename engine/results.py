@@ -34,12 +34,14 @@ def settings_of(run):
 
 
 def group_runs(runs, key=None):
-    """[{"settings", "label", "n", "seeds", "final", "best", "final_tta", "reached", "epochs_to_target",
-    "seconds_to_target", "img_per_s", "curve"}], one per group. By default runs that differ only in
-    PER_RUN fields (the seed, say) form a group, labelled by the settings that vary; `key(run)` -> label
-    groups by anything else (the sweep: by variant). final/best/final_tta/epochs/seconds/img_per_s are
-    (mean, std), std None for a single run; curve: the mean test accuracy after each epoch (over the runs
-    that reached it)."""
+    """[{"settings", "label", "n", "seeds", "final", "best", "final_tta", "final_val", "reached",
+    "epochs_to_target", "seconds_to_target", "img_per_s", "curve", "val_curve"}], one per group.
+
+    By default runs that differ only in PER_RUN fields (the seed, say) form a group, labelled by the
+    settings that vary; `key(run)` -> label groups by anything else (the sweep: by variant).
+    final/best/final_tta/final_val/epochs/seconds/img_per_s are (mean, std), std None for a single run
+    (final_val: on the --val images; (None, None) without). curve and val_curve: the mean test
+    (validation) accuracy after each epoch, over the runs that reached it."""
     groups = {}
     for r in runs:
         label = key(r) if key else json.dumps(settings_of(r), sort_keys=True)
@@ -53,18 +55,21 @@ def group_runs(runs, key=None):
         settings = settings_of(members[0])
         reached = [r for r in members if r["epoch_to_target"] is not None]
         epochs = max(len(r.get("history", [])) for r in members)
-        curve = [mean_std([r["history"][e]["test_acc"] for r in members if len(r.get("history", [])) > e])[0]
-                 for e in range(epochs)]
+        curve, val_curve = ([mean_std([r["history"][e].get(metric) for r in members
+                                       if len(r.get("history", [])) > e])[0] for e in range(epochs)]
+                            for metric in ("test_acc", "val_acc"))
         out.append({"settings": settings, "n": len(members), "seeds": [r["config"]["seed"] for r in members],
                     "label": label if key else ", ".join(f"{settings[k]}" if k in ("recipe", "device")
                                                          else f"{k} {settings.get(k)}" for k in shown),
                     "final": mean_std([r["final_acc"] for r in members]),
-                   "best": mean_std([r["best_acc"] for r in members]),
+                    "best": mean_std([r["best_acc"] for r in members]),
                     "final_tta": mean_std([r.get("final_tta_acc") for r in members]),
+                    "final_val": mean_std([r.get("final_val_acc") for r in members]),
                     "target_acc": members[0]["target_acc"], "reached": len(reached),
                     "epochs_to_target": mean_std([r["epoch_to_target"] for r in reached]),
                     "seconds_to_target": mean_std([r["wall_s_to_target"] for r in reached]),
-                    "img_per_s": mean_std([r.get("mean_train_img_per_s") for r in members]), "curve": curve})
+                    "img_per_s": mean_std([r.get("mean_train_img_per_s") for r in members]), "curve": curve,
+                    "val_curve": val_curve if any(a is not None for a in val_curve) else []})
     return out
 
 

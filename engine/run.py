@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from pipelines import load_cifar10, subset, synthetic_cifar
+from pipelines.data import hold_out
 
 from .checkpoint import UMASK, save_checkpoint
 from .config import UserError
@@ -25,12 +26,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_split(cfg, split):
-    """A run's train or test images, as it trains and is evaluated on them: the class-balanced sample
-    of --limit-train / --limit-test (seeded), or the generated --smoke set."""
-    limit = cfg.limit_train if split == "train" else cfg.limit_test
+    """A run's "train", "val" or "test" images, as it trains and is evaluated on them: --val's held-out
+    images ("val") apart from the rest of the train set ("train"), then the class-balanced sample of
+    --limit-train / --limit-test (seeded), or the generated --smoke set."""
+    source = "test" if split == "test" else "train"
+    limit = {"train": cfg.limit_train, "test": cfg.limit_test}.get(split)
     if cfg.smoke:
-        return synthetic_cifar(limit, split=split, seed=cfg.seed)
-    images, labels = load_cifar10(cfg.data, split, encoded=cfg.source == "encoded")
+        n = cfg.limit_train + cfg.val if source == "train" else limit  # --smoke sets both limits
+        images, labels = synthetic_cifar(n, split=source, seed=cfg.seed)
+    else:
+        images, labels = load_cifar10(cfg.data, source, encoded=cfg.source == "encoded")
+    if source == "train" and cfg.val:
+        if cfg.val >= len(labels):
+            raise UserError(f"--val {cfg.val} holds out all of the {len(labels):,} train images; lower --val")
+        train, val = hold_out(images, labels, cfg.val)
+        images, labels = train if split == "train" else val
     return subset(images, labels, limit, seed=cfg.seed) if limit else (images, labels)
 
 

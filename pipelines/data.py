@@ -14,7 +14,8 @@ instead, for DALI's decoder. Every problem with the input raises `DataError`, on
 names the file and what to do.
 
 `synthetic_cifar` makes a small learnable stand-in (smoke runs, tests, the bench without data);
-`subset` takes a class-balanced sample (`--limit-train`, `--limit-test`).
+`subset` takes a class-balanced sample (`--limit-train`, `--limit-test`); `hold_out` a fixed balanced
+validation set (`--val`).
 `download` and `import_copy` serve `make data` (`python -m pipelines.fetch`).
 """
 import codecs
@@ -369,22 +370,40 @@ def synthetic_cifar(n, *, split="train", seed=0):
     return np.clip(palette[labels][:, None, None, :] + noise, 0, 255).astype(np.uint8), labels
 
 
-def subset(images, labels, n, *, seed=0):
-    """A class-balanced random sample of n (images, labels), in their original order.
-
-    Works for pixel arrays and for lists of encoded images. Round-robin over the classes of a
-    seeded permutation: the first images of an image tree are all one class.
-    """
-    if n >= len(labels):
-        return images, labels
+def balanced_order(labels, seed):
+    """Every index, in the order a class-balanced sample takes them: round-robin over the classes of a
+    seeded permutation (the first images of an image tree are all one class), so that the first n of it
+    are a balanced sample of n."""
     order = np.random.default_rng(seed).permutation(len(labels))
     rank_in_class = np.empty(len(labels), np.int64)
     for c in np.unique(labels):
         members = order[labels[order] == c]
         rank_in_class[members] = np.arange(len(members))
-    keep = np.sort(order[np.argsort(rank_in_class[order], kind="stable")[:n]])
-    picked = [images[i] for i in keep] if is_encoded(images) else images[keep]
-    return picked, labels[keep]
+    return order[np.argsort(rank_in_class[order], kind="stable")]
+
+
+def take(images, labels, indices):
+    """(images, labels) at `indices`, for pixel arrays and for lists of encoded images alike."""
+    return [images[i] for i in indices] if is_encoded(images) else images[indices], labels[indices]
+
+
+def subset(images, labels, n, *, seed=0):
+    """A class-balanced random sample of n (images, labels), in their original order."""
+    if n >= len(labels):
+        return images, labels
+    return take(images, labels, np.sort(balanced_order(labels, seed)[:n]))
+
+
+VAL_SEED = 20261207  # one held-out set for every run, whatever its --seed: a sweep's variants and seeds compare on it
+
+
+def hold_out(images, labels, n):
+    """((train images, labels), (held-out images, labels)): n images set aside, class-balanced, the same n
+    for every run (VAL_SEED, not the run's seed), both parts in their original order (`--val`)."""
+    if not 0 < n < len(labels):
+        raise ValueError(f"can hold out 1 to {len(labels) - 1} of {len(labels)} images, not {n}")
+    order = balanced_order(labels, VAL_SEED)
+    return take(images, labels, np.sort(order[n:])), take(images, labels, np.sort(order[:n]))
 
 
 # --- `make data`: download or import, atomically -----------------------------------------------

@@ -60,6 +60,7 @@ def test_augmentation_defaults_are_the_recipe_and_flags_change_them():
     (dict(limit_train=8),
      "--limit-train 8 is fewer images than one batch of 16; raise --limit-train or lower --batch-size"),
     (dict(cutout_p=1.5), "--cutout-p 1.5 is outside [0, 1]"),
+    (dict(val=-5), "--val is a number of images, at least 0, not -5"),
     (dict(cutout_size=40), "--cutout-size 40 is outside [0, 32]"),
     (dict(smoke=False, data="/no/such/folder"), "--data /no/such/folder does not exist; run `make data`"),
 ])

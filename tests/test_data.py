@@ -8,7 +8,9 @@ import pytest
 from conftest import add_bytes, binary_records, make_split, python_batch
 from PIL import Image
 
-from pipelines.data import BINARY, DataError, data_format, fingerprint, load_cifar10, subset, synthetic_cifar
+from engine.config import Config, UserError
+from engine.run import load_split
+from pipelines.data import BINARY, DataError, data_format, fingerprint, hold_out, load_cifar10, subset, synthetic_cifar
 
 
 def assert_split(root, split):
@@ -244,3 +246,20 @@ def test_subset_is_class_balanced_and_keeps_order(image_tree):
     assert all(any(p is i for i in images) for p in picked)
     whole = subset(images, labels, 1000)
     assert whole[0] is images  # asking for more than there is: everything
+
+
+def test_val_holds_out_the_same_balanced_images_for_every_run_and_trains_on_the_rest(image_tree):
+    images, labels = load_cifar10(image_tree, "train")
+    n = len(labels)
+    (train, train_labels), (val, val_labels) = hold_out(images, labels, 10)
+    assert np.bincount(val_labels, minlength=10).tolist() == [1] * 10 and len(train_labels) == n - 10
+    rows = lambda a: {x.tobytes() for x in a}  # noqa: E731
+    assert rows(train) | rows(val) == rows(images) and not rows(train) & rows(val)  # a partition
+    assert np.all(np.diff(train_labels) >= 0) and np.all(np.diff(val_labels) >= 0)  # original order kept
+    for seed in (0, 7):  # the run's seed changes its sample of the rest, never the held-out images
+        cfg = Config(data=str(image_tree), val=10, limit_train=10, seed=seed)
+        np.testing.assert_array_equal(load_split(cfg, "val")[0], val)
+        assert rows(load_split(cfg, "train")[0]) <= rows(train)
+    assert load_split(Config(data=str(image_tree)), "train")[0].shape[0] == n  # no --val: all of it
+    with pytest.raises(UserError, match=f"--val {n} holds out all of the {n} train images; lower --val"):
+        load_split(Config(data=str(image_tree), val=n), "train")

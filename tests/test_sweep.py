@@ -44,37 +44,44 @@ def test_the_first_plan_reads_as_train_py_would_take_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()  # train.py's default --data, which the check asks to exist
     plan = sweep.read_plan(ROOT / "bench" / "plans" / "fast-15.txt", tmp_path / "runs")
-    assert plan.seeds == [0, 1, 2, 3, 4] and "--tta" in plan.common and plan.variants["control"] == []
+    assert plan.seeds == [0, 1, 2] and "--tta" in plan.common and plan.variants["control"] == []
+    assert plan.common[plan.common.index("--val") + 1] == "5000"  # chosen on held-out images
     assert plan.variants["no-dropout"] == ["--dropout", "0"] and len(plan.variants) >= 10
     jobs = plan.jobs()
-    # every variant of seed 0 first
+    # every variant of seed 0 first, the likeliest first and the control second
     assert [seed for _, seed, _ in jobs[:len(plan.variants)]] == [0] * len(plan.variants)
-    assert jobs[0][2] == "control-s0" and jobs[len(plan.variants)][2] == "control-s1"
+    assert [name for *_, name in jobs[:2]] == ["light-batch-256-s0", "control-s0"]
+    assert jobs[len(plan.variants)][2] == "light-batch-256-s1"
 
 
 # A stand-in for train.py with its contract and none of its cost (no torch: a run takes a tenth of a second):
 # --epochs E of one "step" each; summary.json after every epoch (complete at the end), last.pt beside it;
 # --resume DIR goes on from last.pt; SIGTERM saves and exits 143. Its accuracy is 0.1 a finished epoch plus
-# a thousandth of the seed, so the variant with more epochs ranks first. TRAINED counts epochs in a file.
+# a thousandth of the seed, so the variant with more epochs ranks first, and with --val N its validation accuracy
+# is 1 minus that, so there it ranks last. TRAINED counts epochs in a file.
 STAND_IN = r"""
 import argparse, json, signal, sys, time
 from pathlib import Path
 p = argparse.ArgumentParser()
-for f in ("--seed", "--epochs", "--threads"):
-    p.add_argument(f, type=int, default=1)
+for f in ("--seed", "--epochs", "--threads", "--val"):
+    p.add_argument(f, type=int, default=0 if f == "--val" else 1)
 p.add_argument("--runs"); p.add_argument("--name"); p.add_argument("--resume")
 a, _ = p.parse_known_args()
 run = Path(a.resume) if a.resume else Path(a.runs) / a.name
-state = json.loads((run / "last.pt").read_text()) if a.resume else {"seed": a.seed, "epochs": a.epochs, "done": []}
+state = json.loads((run / "last.pt").read_text()) if a.resume else {"seed": a.seed, "epochs": a.epochs, "done": [],
+                                                                    "val": a.val}
 run.mkdir(parents=True, exist_ok=True)
 def save(complete):
     (run / "last.pt").write_text(json.dumps(state))
     acc = [0.1 * (e + 1) + state["seed"] / 1000 for e in state["done"]]
+    val = [1 - x for x in acc] if state["val"] else [None] * len(acc)  # held-out images rank the other way
     (run / "summary.json").write_text(json.dumps({
         "config": {"seed": state["seed"], "epochs": state["epochs"]}, "device": "cpu", "complete": complete,
         "final_acc": acc[-1] if acc else None, "best_acc": max(acc, default=None), "target_acc": 0.85,
+        "final_val_acc": val[-1] if val else None,
         "epoch_to_target": None, "wall_s_to_target": None, "mean_train_img_per_s": 100.0,
-        "history": [{"epoch": e + 1, "test_acc": x} for e, x in zip(state["done"], acc)]}))
+        "history": [{"epoch": e + 1, "test_acc": x, **({"val_acc": v} if v is not None else {})}
+                    for e, x, v in zip(state["done"], acc, val)]}))
 def stop(*_):
     save(False); print("stopped at an epoch's end, saved", flush=True); sys.exit(143)
 signal.signal(signal.SIGTERM, stop)
@@ -114,6 +121,9 @@ def test_a_sweep_cut_by_its_budget_resumes_where_it_stopped_and_ranks_every_vari
         ("one-epoch", 1, {"done": 1, "cut": 0, "failed": 0, "new": 1}),
         ("three-epochs", 0, {"done": 0, "cut": 1, "failed": 0, "new": 1})]
     assert not (runs / "one-epoch-s1").exists()  # nothing started past the budget
+    assert table[1]["partial"] == {"run": "three-epochs-s0", "epoch": 1, "epochs": 3, "test_acc": 0.1,
+                                   "val_acc": None, "curve": [0.1], "val_curve": []}  # the cut run so far
+    assert "partial: 10.00% at epoch 1 of 3" in (runs / "sweep.md").read_text()
 
     again = sweep.Sweep(sweep.read_plan(plan.path, runs), runs, parallel=1, trainer=trainer)  # the same command again
     assert again.run() == 0
@@ -148,3 +158,19 @@ def test_each_run_is_train_py_with_the_plans_settings_and_a_resume_with_its_fold
     s.state["fast-s3"] = "cut"  # a checkpoint to go on from
     assert vars(flag_parser().parse_args(s.command("fast", 3, "fast-s3")[2:])) == {
         "resume": str(runs / "fast-s3"), "threads": given["threads"]}
+
+
+def test_with_held_out_images_the_sweep_ranks_by_validation_accuracy(tmp_path):
+    """Choosing by test accuracy and reporting it overstates it: a plan with --val ranks by the held-out images
+    (the stand-in makes them rank the runs the other way round), test accuracy beside it."""
+    trainer, runs = tmp_path / "stand_in.py", tmp_path / "runs"
+    trainer.write_text(STAND_IN)
+    plan = sweep.read_plan(write_plan(tmp_path, "seeds: 0\ncommon: --smoke --val 32\none-epoch: --epochs 1\n"
+                                                "three-epochs: --epochs 3\n"), runs)
+    assert sweep.Sweep(plan, runs, parallel=1, trainer=trainer).run() == 0
+    data = json.loads((runs / "sweep.json").read_text())
+    assert data["ranked_by"] == "final_val"
+    assert [(v["variant"], v["final_val"][0], v["final"][0]) for v in data["variants"]] == [
+        ("one-epoch", pytest.approx(0.9), pytest.approx(0.1)), ("three-epochs", pytest.approx(0.7), pytest.approx(0.3))]
+    markdown = (runs / "sweep.md").read_text()
+    assert "ranked by mean final validation accuracy" in markdown and "Mean validation accuracy after each" in markdown

@@ -43,7 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # a test on every core at once, so a second thread would wait for a busy core.
 LEARN = ["--smoke", "--optimizer", "adam", "--lr", "0.007", "--warmup-epochs", "0.5", "--limit-train", "32",
          "--batch-size", "8", "--limit-test", "16", "--epochs", "3", "--target-acc", "0.25", "--threads", "1",
-         "--ema", "0.9", "--bn-reestimate", "16"]  # with a weight average: evaluated beside the weights, saved, resumed
+         "--ema", "0.9", "--bn-reestimate", "16",  # with a weight average: evaluated beside the weights, saved, resumed
+         "--val", "16"]  # and 16 held-out images, evaluated every epoch
 # 2 steps of 16 an epoch: for what needs steps, not learning
 TINY = ["--smoke", "--limit-train", "32", "--limit-test", "32"]
 
@@ -104,7 +105,8 @@ def test_summary_has_every_field(learned):
     assert set(s["convs"].values()) == {"torch"} and len(s["convs"]) == 7  # --conv-impl auto on a CPU
     assert s["epochs_run"] == 3 and s["steps"] == 12 and s["params"] == 133_322 and s["device"] == "cpu"
     assert s["complete"] and s["compiled"] is False and s["compile_s"] is None
-    assert (s["train_images"], s["test_images"]) == (32, 16)
+    assert (s["train_images"], s["test_images"], s["val_images"]) == (32, 16, 16)
+    assert s["final_val_acc"] == s["history"][-1]["val_acc"] and all("val_loss" in h for h in s["history"])
     assert s["best_acc"] >= s["final_acc"] > 0 and s["mean_train_img_per_s"] > 0
     best = max((h[key], key) for h in s["history"] for key in ("test_acc", "ema_test_acc"))
     assert s["best_acc"] == best[0] and s["best_weights"] == ("ema" if best[1] == "ema_test_acc" else "raw")
@@ -131,7 +133,7 @@ def test_tensorboard_has_step_curves_epoch_curves_and_pictures(learned):
     scalars = set(events.Tags()["scalars"])
     for tag in ("loss/train_step", "accuracy/train_step", "lr/step", "throughput/step_img_per_s", "loss/train",
                 "accuracy/train", "loss/test", "accuracy/test", "accuracy/best_test", "lr/epoch", "accuracy/test_ema",
-                "loss/test_ema",
+                "loss/test_ema", "accuracy/val", "loss/val",
                 "throughput/train_img_per_s", "time/epoch_s", "test_class_accuracy/airplane",
                "test_class_accuracy/truck"):
         assert tag in scalars, tag
