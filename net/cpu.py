@@ -221,27 +221,41 @@ def masked_reference(model, x, seeds, p, mask=dropout_mask):
 # --- the model's forward ---------------------------------------------------------------------------
 
 @torch.compiler.disable  # the kernels read tensors' memory directly: nothing for torch.compile to trace
+def layers(model):
+    """The model's conv layers in order, each (conv, BatchNorm, ReLU, Dropout)."""
+    return [layer for block in model.features for layer in block]
+
+
+def conv_nhwc(i, conv, a):
+    """Layer i's conv on `a`, as the fused path runs it: NHWC (positions, channels) out."""
+    if i == 0:  # the image: a plain conv, then NHWC from here on (free where x is channels_last)
+        return F.conv2d(a, conv.weight, padding=conv.padding, dilation=conv.dilation).permute(0, 2, 3, 1).contiguous()
+    if conv.kernel_size == (1, 1):
+        y = torch.mm(a.view(-1, conv.in_channels), conv.weight.reshape(conv.out_channels, -1).t())
+        return y.view(*a.shape[:3], conv.out_channels)
+    if conv.out_channels // conv.in_channels in (1, 2):  # the kernels' depthwise and C -> 2C grouped convs
+        return DepthwiseConv.apply(a, conv.weight, conv.dilation[0])
+    # other widths' multipliers (build_model(widths=...)): PyTorch's conv, on the NHWC view
+    return F.conv2d(a.permute(0, 3, 1, 2), conv.weight, padding=conv.padding, dilation=conv.dilation,
+                    groups=conv.groups).permute(0, 2, 3, 1).contiguous()
+
+
+def layer_forward(i, modules, a, seed, p):
+    """Layer i (conv, BatchNorm, ReLU, Dropout) on `a`: its conv, then BatchNorm + ReLU + dropout as one op.
+    What `forward` runs for each layer, and what the bench's per-layer table times."""
+    conv, bn = modules[0], modules[1]
+    return BatchNormAct.apply(conv_nhwc(i, conv, a), bn.weight, bn.bias, bn, seed, i, p)
+
+
 def forward(model, x, seeds=None):
     """`model` (a Net) on a CPU batch `x` (N, 3, H, W) through the kernels: the same function as its unfused
     forward, parameters and buffers (running statistics and batch counts updated alike in training). Dropout's
     seeds are drawn from torch's generator unless given (`seeds`: one per layer, as `net.fused.draw_seeds`)."""
-    layers = [layer for block in model.features for layer in block]  # each: conv, BatchNorm, ReLU, Dropout
-    drops = [layer[3].p if model.training else 0.0 for layer in layers]
+    convs = layers(model)
+    drops = [c[3].p if model.training else 0.0 for c in convs]
     if seeds is None:
-        seeds = torch.randint(0, 2**31 - 1, (len(layers),)) if any(drops) else torch.zeros(len(layers))
-    seeds = seeds.tolist()
+        seeds = torch.randint(0, 2**31 - 1, (len(convs),)) if any(drops) else torch.zeros(len(convs))
     a = x.float()
-    for i, (conv, bn, _, _) in enumerate(layers):
-        if i == 0:  # the image: a plain conv, then NHWC from here on (free where x is channels_last)
-            y = F.conv2d(a, conv.weight, padding=conv.padding, dilation=conv.dilation)
-            y = y.permute(0, 2, 3, 1).contiguous()
-        elif conv.kernel_size == (1, 1):
-            y = torch.mm(a.view(-1, conv.in_channels), conv.weight.reshape(conv.out_channels, -1).t())
-            y = y.view(*a.shape[:3], conv.out_channels)
-        elif conv.out_channels // conv.in_channels in (1, 2):  # the kernels' depthwise and C -> 2C grouped convs
-            y = DepthwiseConv.apply(a, conv.weight, conv.dilation[0])
-        else:  # other widths' multipliers (build_model(widths=...)): PyTorch's conv, on the NHWC view
-            y = F.conv2d(a.permute(0, 3, 1, 2), conv.weight, padding=conv.padding, dilation=conv.dilation,
-                         groups=conv.groups).permute(0, 2, 3, 1).contiguous()
-        a = BatchNormAct.apply(y, bn.weight, bn.bias, bn, int(seeds[i]), i, drops[i])
+    for i, (c, seed, p) in enumerate(zip(convs, seeds.tolist(), drops)):
+        a = layer_forward(i, c, a, int(seed), p)
     return model.head(a.mean((1, 2)))

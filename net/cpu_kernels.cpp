@@ -130,6 +130,14 @@ static inline vec load(const float* p) {
 
 static inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
 
+// Two vectors' lanes rearranged by constant indices (GCC 12+ and Clang have the builtin; older compilers build the
+// same vectors lane by lane).
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define HAVE_SHUFFLE 1
+#endif
+#endif
+
 // The inputs of L consecutive outputs from output o (p = the input at o / M): each input once (M = 1), or each of
 // four inputs twice (M = 2: outputs 2c and 2c + 1 read input c).
 template <int M>
@@ -137,20 +145,26 @@ static inline vec inputs(const float* p) {
     if constexpr (M == 1) {
         return load(p);
     } else {
+#ifdef HAVE_SHUFFLE
+        typedef float half __attribute__((vector_size(16)));
+        half h;
+        std::memcpy(&h, p, sizeof h);
+        return __builtin_shufflevector(h, h, 0, 0, 1, 1, 2, 2, 3, 3);
+#else
         return vec{p[0], p[0], p[1], p[1], p[2], p[2], p[3], p[3]};
+#endif
     }
 }
 
-// sum over m of g[c M + m] w[c M + m] for L consecutive input channels c (g, w at the block's first output).
-template <int M>
-static inline vec per_input(const float* g, const float* w) {
-    if constexpr (M == 1) {
-        return load(g) * load(w);
-    } else {
-        const vec p = load(g) * load(w), q = load(g + L) * load(w + L);
-        return vec{p[0] + p[1], p[2] + p[3], p[4] + p[5], p[6] + p[7], q[0] + q[1], q[2] + q[3], q[4] + q[5],
-                   q[6] + q[7]};
-    }
+// (p0 + p1, p2 + p3, ..., p6 + p7, q0 + q1, ..., q6 + q7): 16 consecutive outputs' sums, 8 inputs' (M = 2).
+static inline vec pair_sums(vec p, vec q) {
+#ifdef HAVE_SHUFFLE
+    return __builtin_shufflevector(p, q, 0, 2, 4, 6, 8, 10, 12, 14) +
+           __builtin_shufflevector(p, q, 1, 3, 5, 7, 9, 11, 13, 15);
+#else
+    return vec{p[0] + p[1], p[2] + p[3], p[4] + p[5], p[6] + p[7], q[0] + q[1], q[2] + q[3], q[4] + q[5],
+               q[6] + q[7]};
+#endif
 }
 
 // The taps of position (h, x) that fall inside the map, at offset sign * (tap - centre) * d: their rows of `base`
@@ -222,9 +236,18 @@ static void dw_backward(const float* g, const float* a, const float* w, float* d
                 float* out = da + ((n * H + h) * W + x) * C;
                 int64_t c = 0;
                 for (; c + L <= C; c += L) {
-                    vec acc = {};
-                    for (int t = 0; t < k; t++) acc += per_input<M>(src[t] + c * M, wt[t] + c * M);
-                    store(out + c, acc);
+                    if constexpr (M == 1) {
+                        vec acc = {};
+                        for (int t = 0; t < k; t++) acc += load(src[t] + c) * load(wt[t] + c);
+                        store(out + c, acc);
+                    } else {  // the L M outputs' products summed over the taps, then each input's pair added once
+                        vec p = {}, q = {};
+                        for (int t = 0; t < k; t++) {
+                            p += load(src[t] + c * M) * load(wt[t] + c * M);
+                            q += load(src[t] + c * M + L) * load(wt[t] + c * M + L);
+                        }
+                        store(out + c, pair_sums(p, q));
+                    }
                 }
                 for (; c < C; c++) {
                     float acc = 0.0f;
@@ -232,18 +255,33 @@ static void dw_backward(const float* g, const float* a, const float* w, float* d
                         for (int64_t m = 0; m < M; m++) acc += src[t][c * M + m] * wt[t][c * M + m];
                     out[c] = acc;
                 }
-                // the weight's gradient: g at (h, x) times what each tap read there, summed over the image in dw's
-                // nine rows of CO (L1-resident: 9 KB at 256 channels)
-                const float* gr = g_img + (h * W + x) * CO;
-                for (int64_t tap = 0; tap < 9; tap++) {
-                    const int64_t hh = h + (tap / 3 - 1) * d, xx = x + (tap % 3 - 1) * d;
-                    if (hh < 0 || hh >= H || xx < 0 || xx >= W) continue;
-                    const float* in = a_img + (hh * W + xx) * C;
-                    float* dwt = dw + tap * CO;
-#pragma omp simd
-                    for (int64_t c = 0; c < C; c++)
-                        for (int64_t m = 0; m < M; m++) dwt[c * M + m] += gr[c * M + m] * in[c];
+            }
+            // the weight's gradient: g along row h times what each tap read there, summed over the row in registers
+            // (four blocks of L outputs at a time: independent sums), then added to dw's nine rows of CO (in L1)
+            const float* g_row = g_img + h * W * CO;
+            for (int64_t tap = 0; tap < 9; tap++) {
+                const int64_t hh = h + (tap / 3 - 1) * d, dx = (tap % 3 - 1) * d;
+                if (hh < 0 || hh >= H) continue;
+                const int64_t x0 = dx < 0 ? -dx : 0, x1 = dx > 0 ? W - dx : W;  // where the tap falls inside
+                const float* a_row = a_img + hh * W * C;  // the tap reads a_row + (x + dx) C at x
+                float* dwt = dw + tap * CO;
+                int64_t o = 0;
+                for (; o + 4 * L <= CO; o += 4 * L) {
+                    vec s0 = {}, s1 = {}, s2 = {}, s3 = {};
+                    for (int64_t x = x0; x < x1; x++) {
+                        const float *gx = g_row + x * CO + o, *ax = a_row + (x + dx) * C + o / M;
+                        s0 += load(gx) * inputs<M>(ax);
+                        s1 += load(gx + L) * inputs<M>(ax + L / M);
+                        s2 += load(gx + 2 * L) * inputs<M>(ax + 2 * L / M);
+                        s3 += load(gx + 3 * L) * inputs<M>(ax + 3 * L / M);
+                    }
+                    store(dwt + o, load(dwt + o) + s0);
+                    store(dwt + o + L, load(dwt + o + L) + s1);
+                    store(dwt + o + 2 * L, load(dwt + o + 2 * L) + s2);
+                    store(dwt + o + 3 * L, load(dwt + o + 3 * L) + s3);
                 }
+                for (; o < CO; o++)  // widths that are not a multiple of 4L
+                    for (int64_t x = x0; x < x1; x++) dwt[o] += g_row[x * CO + o] * a_row[(x + dx) * C + o / M];
             }
         }
     }
