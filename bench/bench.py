@@ -11,7 +11,8 @@
 3. end to end: `engine.loop.train_epoch`, the very loop train.py runs (recipe optimizer and
    schedule, on-device metrics, log-step syncs), over the DALI loader, and its ratio to (2);
 4. the limit: FLOPs and minimum bytes per training image against the device's measured
-   matmul rate and copy bandwidth; beside it, the bytes per image the compiled training step
+   matmul rate and copy bandwidth; on a CPU, the fused step a layer at a time beside each layer's floor
+   (bench/layers.py); beside it, the bytes per image the compiled training step
    really moves in each conv variant, counted by Inductor after fusion (bench/traffic.py: an
    estimate, not a timing), and the instructions its Triton kernels issue, counted from their sm_90a
    machine code, with the step rate they predict on an H100 and an H200 (bench/roofline.py);
@@ -39,6 +40,7 @@ from engine.config import Config, UserError, resolve
 from engine.device import setup_env
 from engine.run import ROOT, run_facts
 
+from .layers import cpu_kernels_missing, layer_rows
 from .model import bench_end_to_end, bench_limit, bench_model, model_variants, prepare_model
 from .pipelines import (
     bench_albumentations,
@@ -50,7 +52,7 @@ from .pipelines import (
     bench_torch_augment,
 )
 from .report import accuracy, figure, table, write_tensorboard
-from .roofline import roofline_line, roofline_rows
+from .roofline_report import roofline_line, roofline_rows
 from .traffic import BATCH, QUICK_BATCH, traffic_line, traffic_rows
 
 
@@ -176,6 +178,11 @@ def run(args):
             save()
     results["limit"] = bench_limit(args.device, 2 if not cpu else 4, timing["sync"], args.quick)
     same_model = results["model"][f"train, {trainer_key}"]["img_per_s"]  # the same variant, step alone
+    if cpu and not cpu_kernels_missing():  # where the fused CPU step's time goes, a layer at a time
+        fused = results["model"].get("train, eager fp32 channels_last, fused (C++ kernels)")
+        results["layers"] = layer_rows(cfg.batch_size, cfg.dropout, timing, results["limit"]["matmul_tflops"],
+                                       results["limit"]["copy_gb_per_s"], fused and 1e3 / fused["img_per_s"])
+        save()
     results["end_to_end"] = {**e2e, "model": trainer_key, "ratio_to_model": e2e["img_per_s"] / same_model,
                              "fraction_of_floor": e2e["img_per_s"] / results["limit"]["floor_img_per_s"]}
     save()

@@ -8,7 +8,8 @@ import sys
 from engine.results import finished_runs, format_groups, group_runs
 from engine.run import ROOT
 
-from .roofline import roofline_line
+from .layers import layers_table
+from .roofline_report import roofline_line
 from .traffic import traffic_line
 
 
@@ -93,6 +94,10 @@ def table(results):
             lines.append(f"  (bf16 matmul here: {lim['bf16_matmul_tflops'] * 1e3:,.2f} GFLOP/s, "
                          + ("native bf16)" if lim["bf16"] == "native" else "no native bf16 on this CPU: PyTorch's "
                             "reference loop, so the CPU trains fp32)"))
+    if results.get("layers"):
+        lines += ["- the fused CPU step a layer at a time, forward + backward per image, beside each layer's floor "
+                  "(its FLOPs at the matmul rate or its bytes at the copy bandwidth above; bench/layers.py):", "",
+                  layers_table(results["layers"]), ""]
     if results.get("traffic"):
         lines.append("- traffic, the compiled training step's bytes per image as Inductor counts them after fusion "
                      "(an estimate, not a timing; bench/traffic.py):")

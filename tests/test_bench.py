@@ -90,6 +90,11 @@ def test_quick_cpu_bench_writes_every_figure(tmp_path, monkeypatch, capsys):
     assert "| end to end |" in capsys.readouterr().out and "synthetic" in res["data"]
     assert list((tmp_path / "tb").iterdir())  # TensorBoard scalars
     assert "| 0 " not in report.split("\n\n")[0]  # the rates' table: small rates keep their digits
+    layers = res["layers"]  # the fused step a layer at a time: 12 convs with what is fused to them, then the rest
+    assert [r["layer"] for r in layers[:3]] == ["C1 3x3 d1, 3->32", "C1 depthwise 3x3 d2, 32", "C1 1x1, 32->32"]
+    assert len(layers) == 13 and layers[-1]["layer"] == "the rest" and layers[9]["runs"] == "C++ kernel"
+    assert all(r["forward_ms"] > 0 and r["total_ms"] > r["forward_ms"] and r["floor_ms"] > 0 for r in layers[:12])
+    assert "| C4 1x1, 256->256 " in report and "| all " in report
     assert counted == [("cpu", 2)] and res["traffic"]["torch convs"]["kernels"] == 166  # --quick: a smaller batch
     assert given == [res["traffic"]] and res["roofline"]["fused"]["warp_instructions"] == 14.0e6
     assert ("  - fused: 14.0M warp-instructions per training image in 40 Triton kernels (issue bound 66,000 img/s on "

@@ -3,7 +3,7 @@ cut short by its timeout, which the report still describes (the check goes on wi
 import pytest
 import torch
 
-from bench import gpu_check
+from bench import gpu_check, gpu_check_sections
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
@@ -15,7 +15,7 @@ def test_without_cuda_it_says_so_in_one_line_and_exits_2(tmp_path, capsys):
 
 
 def test_cuda_tests_cut_short_are_a_timeout_with_their_log_kept(tmp_path):
-    lines, data = gpu_check.cuda_tests(tmp_path, "no-data", timeout=0.1)  # pytest cannot even start in 0.1 s
+    lines, data = gpu_check_sections.cuda_tests(tmp_path, "no-data", timeout=0.1)  # pytest cannot even start in 0.1 s
     assert data["timed_out"] and not data["ok"]
     assert lines[0].startswith("- TIMEOUT after 0.1 s")
     assert (tmp_path / "cuda-tests.log").exists()
@@ -30,7 +30,7 @@ def test_an_unknown_section_is_a_usage_error(capsys):
 
 @pytest.mark.cuda
 def test_on_cuda_the_kernels_section_checks_every_layer_and_passes():
-    lines, data = gpu_check.kernels(batch=16)
+    lines, data = gpu_check_sections.kernels(batch=16)
     assert data["ok"] and len(data["rows"]) == 7 * 2 * 2 and lines[0].startswith("- PASS")
 
 
@@ -41,8 +41,8 @@ def test_the_fused_sections_verdict_is_the_fp32_check_and_the_bf16_row_is_for_th
     from engine.config import Config, resolve
     from engine.device import Env
 
-    monkeypatch.setattr(gpu_check, "trainer_setup", lambda: (resolve(Config(device="cpu")),
-                                                             Env(device=torch.device("cpu"))))
+    monkeypatch.setattr(gpu_check_sections, "trainer_setup", lambda: (resolve(Config(device="cpu")),
+                                                                      Env(device=torch.device("cpu"))))
     monkeypatch.setattr(convs, "time_steps", lambda model, env, **k: {"fused": 1.0, "unfused": 2.0})
     asked = []
 
@@ -55,6 +55,6 @@ def test_the_fused_sections_verdict_is_the_fp32_check_and_the_bf16_row_is_for_th
 
     for failing, ok in (("run", True), ("fp32", False)):
         monkeypatch.setattr(convs, "check_fused", check(failing))
-        lines, data = gpu_check.fused(batch=4)
+        lines, data = gpu_check_sections.fused(batch=4)
         assert data["ok"] is ok and lines[0].startswith("- PASS" if ok else "- FAIL")
     assert asked == ["fp32", "run"] * 2

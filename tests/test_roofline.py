@@ -1,4 +1,5 @@
-"""bench/roofline.py: instructions counted from sm_90a machine code, each loop's body times its launcher's trips.
+"""bench/roofline.py, bench/sass.py, bench/roofline_report.py: instructions counted from sm_90a machine code, each
+loop's body times its launcher's trips.
 
 The builds run in a process without Triton's interpreter (this one has it: conftest.py), as the build test's do."""
 import json
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import roofline
+from bench import roofline, roofline_report, sass
 from net import kernels
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ def test_the_path_takes_each_loop_once_skips_what_a_branch_jumps_over_and_stops_
     """The guard of a loop that runs no trip is not taken, the jump past its other path is, a predicated EXIT is
     passed (some lanes go on), the trap after the last EXIT is never reached; the loop's body is its label to its
     branch back."""
-    path = roofline.program_path(roofline.parse_sass(LISTING))
+    path = sass.program_path(sass.parse_sass(LISTING))
     assert path.loops == [3]  # FFMA, IADD3, the branch back
     # S2R, @P0 BRA, MOV, the body once, BRA past .L_x_0, STG, @!P2 EXIT, FADD, EXIT
     assert path.straight == 3 + 3 + 1 + 4
@@ -56,7 +57,7 @@ def test_a_loop_within_a_loop_is_refused():
                              ".L_x_9:\n        /*0048*/ NOP ;\n        /*004c*/ @P3 BRA `(.L_x_9) ;\n"
                              "        /*0050*/              @!P1 BRA `(.L_x_1) ;")
     with pytest.raises(NotImplementedError):
-        roofline.program_path(roofline.parse_sass(nested))
+        sass.program_path(sass.parse_sass(nested))
 
 
 def count_small_kernel():
@@ -80,8 +81,8 @@ def count_small_kernel():
 
     out = {}
     for repeat in (1, 64, 65, 67):
-        b = roofline.build(looped, dict(x_ptr="*fp32", out_ptr="*fp32", n=7, REPEAT=repeat), 4)
-        path = roofline.program_path(b.sass)
+        b = sass.build(looped, dict(x_ptr="*fp32", out_ptr="*fp32", n=7, REPEAT=repeat), 4)
+        path = sass.program_path(b.sass)
         at = {name: i for i, (kind, name) in enumerate(b.sass) if kind == "label"}
         back = [(at[re.search(r"\((\.L_x_\d+)\)", t)[1]], i) for i, (k, t) in enumerate(b.sass)
                 if k == "op" and "BRA" in t and at[re.search(r"\((\.L_x_\d+)\)", t)[1]] < i]
@@ -179,10 +180,10 @@ def test_a_variant_runs_each_launchs_fastest_tile_and_its_rate_adds_every_bound_
 
 def test_bad_use_is_one_line(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
-        roofline.main(["--batch-size", "0"])
+        roofline_report.main(["--batch-size", "0"])
     assert e.value.code == 2 and "--batch-size must be at least 1" in capsys.readouterr().err
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert roofline.main(["--traffic-from", "nowhere.json"]) == 2
+    assert roofline_report.main(["--traffic-from", "nowhere.json"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "TRITON_INTERPRET=1 is set" in err
 
@@ -209,7 +210,7 @@ def keep_bits_builds():
     out = {}
     for layer, direction, launch in roofline.step_launches("fused"):
         if launch.name == "_keep_bits":
-            out.setdefault(launch.named({})["C"], set()).add(roofline.build_request(launch, launch.tiles[0]))
+            out.setdefault(launch.named({})["C"], set()).add(sass.build_request(launch, launch.tiles[0]))
     return {c: len(builds) for c, builds in out.items()}
 
 
@@ -225,5 +226,5 @@ def test_the_picture_puts_each_kernel_against_the_ceilings(tmp_path):
     rows = [row("A", "k", "t", 1e6, 1e5), row("B", "k", "t", 1e3, 1e7)]
     results = {"variants": {"fused": {"rows": rows}, "triton convs": {"rows": rows[:1]}}, "triton": "3.9.0",
                "batch": 512, "dropout": 0.05, "date": "2026-12-07"}
-    roofline.picture(results, tmp_path / "r.png")
+    roofline_report.picture(results, tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
