@@ -1,8 +1,8 @@
 """`python -m bench.sweep PLAN --runs DIR` (`make sweep PLAN=FILE RUNS=DIR`): a recipe search as one resumable
 batch job, ranked in one table.
 
-A plan file holds named variants, one a line, `name: train.py flags` (the flags may be empty), and two
-reserved lines: `seeds: 0 1 2 3 4` and `common: <flags for every variant>`; `#` starts a comment. Every
+A plan file (bench/plan.py reads and checks it) names variants, one a line, `name: train.py flags`, and
+the seeds (`seeds: 0 1 2`) and the flags every variant shares (`common:`). Every
 (variant, seed) is one train.py run in DIR/<variant>-s<seed>, K at once (--parallel K; on a CPU at most
 the idle cores, each with its share of them), every variant of the first seed before any second seed, so
 that a sweep cut short still compares every variant. --budget-s N: past N seconds the running runs get
@@ -22,103 +22,21 @@ import argparse
 import datetime
 import json
 import os
-import re
 import shlex
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.checkpoint import write_atomic, write_json
 from engine.cli import run_main
-from engine.config import Config, UserError, check, flag, flag_parser, resolve
+from engine.config import UserError, flag
 from engine.device import idle_cores
 from engine.results import PER_RUN, group_runs, markdown_table, number
 from engine.run import ROOT
 
-SWEEPS_OWN = ("seed", "runs", "name", "resume")  # flags the sweep sets for each run
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")  # a variant's name is part of its runs' folder names
-
-
-@dataclass
-class Plan:
-    path: Path
-    seeds: list
-    common: list  # train.py flags, for every variant
-    variants: dict = field(default_factory=dict)  # name -> its own flags, in the file's order
-
-    def jobs(self):
-        """(variant, seed, run name) in the order they run: every variant of a seed before the next seed."""
-        return [(v, seed, f"{v}-s{seed}") for seed in self.seeds for v in self.variants]
-
-
-def parse_flags(words, where):
-    """train.py's flags as train.py parses them: {field: value}; a mistake is a UserError naming `where`."""
-    parser = flag_parser()
-
-    def refuse(message):
-        raise UserError(f"{where}: {message}; fix that line of the plan")
-
-    parser.error = refuse  # argparse's own messages ("unrecognized arguments: ..."), but one line and ours
-    given = vars(parser.parse_args(words))
-    own = [flag(k) for k in SWEEPS_OWN if k in given]
-    if own:
-        refuse(f"{', '.join(own)} {'is' if len(own) == 1 else 'are'} set by the sweep for each run (seeds: the "
-               f"`seeds:` line)")
-    return given
-
-
-def read_plan(path, runs):
-    """The plan in `path`, every line's flags parsed and every variant's settings checked as train.py checks
-    them (into `runs`): the first mistake is a UserError naming its line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no plan file at {path}; pass one such as bench/plans/fast-15.txt")
-    plan, given, lines = Plan(path, [0], []), {"common": {}}, {}
-    for number_, raw in enumerate(path.read_text().splitlines(), 1):
-        text = raw.split("#", 1)[0].strip()
-        if not text:
-            continue
-        where = f"{path}:{number_}"
-        name, colon, rest = (part.strip() for part in text.partition(":"))
-        if not colon or not NAME.fullmatch(name):
-            raise UserError(f"{where}: {text!r} is not `name: train.py flags` (a name of letters, digits, - _ . +); "
-                            f"fix that line of the plan")
-        if name == "seeds":
-            seeds = rest.split()
-            if not seeds or not all(s.isdigit() for s in seeds) or len(set(seeds)) < len(seeds):
-                raise UserError(f"{where}: `seeds:` takes distinct whole numbers, such as `seeds: 0 1 2 3 4`")
-            plan.seeds = [int(s) for s in seeds]
-            continue
-        if name in lines:
-            raise UserError(f"{where}: a second {'`common:` line' if name == 'common' else f'variant named {name}'} "
-                            f"(the first is at {lines[name]}); give it another name")
-        try:
-            words = shlex.split(rest)
-        except ValueError as e:
-            raise UserError(f"{where}: {e}; fix that line of the plan") from None
-        given[name], lines[name] = parse_flags(words, where), where
-        if name == "common":
-            plan.common = words
-        else:
-            plan.variants[name] = words
-    if not plan.variants:
-        raise UserError(f"{path} names no variant; add lines such as `control:` and `no-dropout: --dropout 0`")
-    for name in plan.variants:  # each run's settings, checked now rather than hours in
-        try:
-            settings = {**given["common"], **given[name]}  # a variant's flag over the common one, as in its command
-            check(resolve(Config(**settings, seed=plan.seeds[0], runs=str(runs), name=".plan-check")))
-        except UserError as e:
-            raise UserError(f"{lines[name]} ({name}): {e}") from None
-    return plan
-
-
-def planned_config(plan, variant, seed, runs, name):
-    """The settings train.py will resolve for one run of the plan."""
-    given = {**parse_flags(plan.common, "common"), **parse_flags(plan.variants[variant], variant)}
-    return resolve(Config(**given, seed=seed, runs=str(runs), name=name))
+from .plan import planned_config, read_plan
 
 
 def run_state(run_dir, planned):
