@@ -184,7 +184,7 @@ class Sweep:
                                        "epochs": furthest["config"]["epochs"], "test_acc": h[-1]["test_acc"],
                                        "val_acc": h[-1].get("val_acc"), "curve": [e["test_acc"] for e in h],
                                        "val_curve": [e["val_acc"] for e in h if "val_acc" in e]}
-        by = "final_val" if any(r["n"] and r["final_val"][0] is not None for r in rows) else "final"
+        by = "final_val" if any(c.val for c in self.planned.values()) else "final"  # a plan holding images out
         rows.sort(key=lambda r: -(r[by][0] if r["n"] and r[by][0] is not None else -1))  # stable: the rest as planned
         target = next(iter(self.planned.values())).target_acc
         data = {"plan": str(self.plan.path), "runs": str(self.runs), "seeds": self.plan.seeds, "ranked_by": by,

@@ -167,7 +167,11 @@ def test_with_held_out_images_the_sweep_ranks_by_validation_accuracy(tmp_path):
     trainer.write_text(STAND_IN)
     plan = sweep.read_plan(write_plan(tmp_path, "seeds: 0\ncommon: --smoke --val 32\none-epoch: --epochs 1\n"
                                                 "three-epochs: --epochs 3\n"), runs)
-    assert sweep.Sweep(plan, runs, parallel=1, trainer=trainer).run() == 0
+    s = sweep.Sweep(plan, runs, parallel=1, trainer=trainer)
+    runs.mkdir()
+    s.report()  # before any run: already ranked by the held-out images, as the plan says
+    assert "ranked by mean final validation accuracy" in (runs / "sweep.md").read_text()
+    assert s.run() == 0
     data = json.loads((runs / "sweep.json").read_text())
     assert data["ranked_by"] == "final_val"
     assert [(v["variant"], v["final_val"][0], v["final"][0]) for v in data["variants"]] == [
