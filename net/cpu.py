@@ -220,7 +220,6 @@ def masked_reference(model, x, seeds, p, mask=dropout_mask):
 
 # --- the model's forward ---------------------------------------------------------------------------
 
-@torch.compiler.disable  # the kernels read tensors' memory directly: nothing for torch.compile to trace
 def layers(model):
     """The model's conv layers in order, each (conv, BatchNorm, ReLU, Dropout)."""
     return [layer for block in model.features for layer in block]
@@ -240,6 +239,7 @@ def conv_nhwc(i, conv, a):
                     groups=conv.groups).permute(0, 2, 3, 1).contiguous()
 
 
+@torch.compiler.disable  # the kernels read tensors' memory directly: nothing for torch.compile to trace
 def layer_forward(i, modules, a, seed, p):
     """Layer i (conv, BatchNorm, ReLU, Dropout) on `a`: its conv, then BatchNorm + ReLU + dropout as one op.
     What `forward` runs for each layer, and what the bench's per-layer table times."""
@@ -247,6 +247,7 @@ def layer_forward(i, modules, a, seed, p):
     return BatchNormAct.apply(conv_nhwc(i, conv, a), bn.weight, bn.bias, bn, seed, i, p)
 
 
+@torch.compiler.disable  # the whole fused forward, one opaque call: no graph breaks around the kernels
 def forward(model, x, seeds=None):
     """`model` (a Net) on a CPU batch `x` (N, 3, H, W) through the kernels: the same function as its unfused
     forward, parameters and buffers (running statistics and batch counts updated alike in training). Dropout's
@@ -256,6 +257,6 @@ def forward(model, x, seeds=None):
     if seeds is None:
         seeds = torch.randint(0, 2**31 - 1, (len(convs),)) if any(drops) else torch.zeros(len(convs))
     a = x.float()
-    for i, (c, seed, p) in enumerate(zip(convs, seeds.tolist(), drops)):
+    for i, (c, seed, p) in enumerate(zip(convs, seeds.tolist(), drops, strict=True)):
         a = layer_forward(i, c, a, int(seed), p)
     return model.head(a.mean((1, 2)))

@@ -257,7 +257,7 @@ static void dw_backward(const float* g, const float* a, const float* w, float* d
                 }
             }
             // the weight's gradient: g along row h times what each tap read there, summed over the row in registers
-            // (four blocks of L outputs at a time: independent sums), then added to dw's nine rows of CO (in L1)
+            // (four blocks of L outputs at a time: independent sums), then added to dw's nine rows of CO (in L1 or L2)
             const float* g_row = g_img + h * W * CO;
             for (int64_t tap = 0; tap < 9; tap++) {
                 const int64_t hh = h + (tap / 3 - 1) * d, dx = (tap % 3 - 1) * d;

@@ -26,10 +26,16 @@ def relative_error(got, want):
     return ((got.double() - want).abs().max() / want.abs().max()).item()
 
 
-@pytest.mark.parametrize("c, m, dilation, shape",
-                         [(32, 1, 2, (2, 8, 8)), (20, 2, 3, (1, 7, 9)), (24, 1, 5, (3, 12, 11))])
+@pytest.mark.parametrize("c, m, dilation, shape", [
+    (32, 1, 2, (2, 8, 8)), (20, 2, 3, (1, 7, 9)), (24, 1, 5, (3, 12, 11)),
+    (3, 2, 4, (2, 1, 3)),  # C -> 2C with no whole vector block, on a map smaller than the dilation
+    (12, 1, 5, (1, 4, 2)),  # the input gradient's scalar tail (C not a multiple of 8); every side tap outside
+    (40, 2, 2, (2, 5, 6)),  # 80 outputs: the weight gradient's blocks at o = 0 and 32, then a 16-wide tail
+    (17, 1, 3, (1, 1, 1)),  # one pixel: only the centre tap
+    (8, 2, 1, (1, 2, 9)),  # exactly one input-gradient block of C -> 2C
+])
 def test_depthwise_conv_is_f_conv2d_forward_and_both_gradients(c, m, dilation, shape):
-    # 20 -> 40 channels and 24: blocks of 16 outputs with a tail; a map narrower than the dilated kernel
+    # vector blocks of 8 and 16 channels with their tails, and maps narrower than the dilated kernel
     n, h, w = shape
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, h, w, c, dtype=torch.float64, generator=gen)
@@ -194,3 +200,12 @@ def test_a_fused_cpu_run_resumes_to_the_same_weights_bit_for_bit(cpu_path, tmp_p
     whole, cut = (torch.load(tmp_path / name / "last.pt", weights_only=True)["model"] for name in ("whole", "cut"))
     for key, value in whole.items():
         assert torch.equal(cut[key], value), key
+
+
+def test_the_fused_forward_is_one_opaque_call_to_torch_compile():
+    """The kernels read tensors' memory directly: torch.compile must see the fused forward as one call, not trace
+    into it (graph breaks at every kernel, and Dynamo's warnings about cached functions)."""
+    model = build_model().to(memory_format=torch.channels_last)
+    model.fused = True
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    assert torch._dynamo.explain(model)(x).graph_count == 0  # traced into, it was 15 graphs and 14 breaks
