@@ -202,7 +202,7 @@ def test_a_fused_cpu_run_resumes_to_the_same_weights_bit_for_bit(cpu_path, tmp_p
         assert torch.equal(cut[key], value), key
 
 
-def test_the_fused_forward_is_one_opaque_call_to_torch_compile():
+def test_the_fused_forward_is_one_opaque_call_to_torch_compile(cpu_path):
     """The kernels read tensors' memory directly: torch.compile must see the fused forward as one call, not trace
     into it (graph breaks at every kernel, and Dynamo's warnings about cached functions)."""
     model = build_model().to(memory_format=torch.channels_last)
