@@ -29,7 +29,7 @@ def started(tmp_path, capsys):
                                                                                      "C2.grouped": {"triton": 2.0,
                                                                                                     "torch": 1.5}},
                          tiles={"forward": {"32->32 32x32 d2 NHWC bfloat16, batch 16": "32x32, 8 warps"}},
-                         why="--conv-impl auto, timed"), sizes=(1600, 64),
+                         why="--conv-impl auto, timed"), sizes=(1600, 64, 0),
               fuse=FuseChoice(why="--fuse auto: the fused kernels are timed on CUDA only"))
     yield log, capsys.readouterr().out
     log.bar.close()
