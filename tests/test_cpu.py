@@ -202,6 +202,7 @@ def test_a_fused_cpu_run_resumes_to_the_same_weights_bit_for_bit(cpu_path, tmp_p
         assert torch.equal(cut[key], value), key
 
 
+@pytest.mark.slow  # Dynamo tracing the model: ten seconds
 def test_the_fused_forward_is_one_opaque_call_to_torch_compile(cpu_path):
     """The kernels read tensors' memory directly: torch.compile must see the fused forward as one call, not trace
     into it (graph breaks at every kernel, and Dynamo's warnings about cached functions)."""
