@@ -2,6 +2,7 @@
 budget that cuts the sweep, the same command resuming it, and the ranked table."""
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -178,3 +179,18 @@ def test_with_held_out_images_the_sweep_ranks_by_validation_accuracy(tmp_path):
         ("one-epoch", pytest.approx(0.9), pytest.approx(0.1)), ("three-epochs", pytest.approx(0.7), pytest.approx(0.3))]
     markdown = (runs / "sweep.md").read_text()
     assert "ranked by mean final validation accuracy" in markdown and "Mean validation accuracy after each" in markdown
+
+
+def test_a_running_runs_new_epoch_is_seen_once(tmp_path):
+    """The table follows a long run epoch by epoch: the sweep rewrites it when a running run's summary.json (written
+    after each of its epochs) changes, once per change."""
+    runs = tmp_path / "runs"
+    plan = sweep.read_plan(write_plan(tmp_path, f"seeds: 0\ncommon: {SMOKE}\nonly:\n"), runs)
+    s = sweep.Sweep(plan, runs, parallel=1)
+    summary = runs / "only-s0" / "summary.json"
+    assert not s.new_epoch("only-s0")  # nothing written yet
+    summary.parent.mkdir(parents=True)
+    summary.write_text("{}")
+    assert s.new_epoch("only-s0") and not s.new_epoch("only-s0")
+    os.utime(summary, ns=(summary.stat().st_atime_ns, summary.stat().st_mtime_ns + 10**9))  # the next epoch's
+    assert s.new_epoch("only-s0")
