@@ -203,11 +203,10 @@ def sweep_markdown(data):
     for i, r in enumerate(data["variants"], 1):
         runs = ", ".join(f"{n} {k if k != 'new' else 'to run'}" for k, n in r["runs"].items() if n)
         if not r["n"]:
-            p = r.get("partial")
-            at = (lambda acc: f"partial: {acc:.2%} at epoch {p['epoch']} of {p['epochs']}" if acc is not None
-                  else "—") if p else (lambda acc: "—")
-            table.append(("—", r["variant"], r["flags"] or "—", "0", at(p and p["val_acc"]), at(p and p["test_acc"]),
-                          *["—"] * 6, runs))
+            p = r.get("partial", {})
+            at = [f"partial: {p[k]:.2%} at epoch {p['epoch']} of {p['epochs']}" if p.get(k) is not None else "—"
+                  for k in ("val_acc", "test_acc")]
+            table.append(("—", r["variant"], r["flags"] or "—", "0", *at, *["—"] * 6, runs))
             continue
         table.append((str(i), r["variant"], r["flags"] or "—", str(r["n"]), number(r["final_val"], pct),
                       number(r["final"], pct), number(r["best"], pct),
